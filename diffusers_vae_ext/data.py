@@ -1,0 +1,205 @@
+"""Images in and out: robust loading, [-1, 1] tensors, image folders and the built-in sample photos.
+
+Every path into the package (training, latent statistics, the latent cache, `diffusers-vae reconstruct`) reads
+images through `load_image_rgb`, so odd files are handled one way everywhere: palette, grayscale, 16-bit, CMYK
+and alpha images become correct 8-bit RGB, and files that are not images raise `UnreadableImageError` naming
+the file and the reason.
+
+Pixels are normalised to [-1, 1] (`x / 127.5 - 1`), the range diffusers' VAEs are trained on and that the
+pipelines' image processors produce. Other normalisations (ImageNet mean/std, [0, 1]) hurt a VAE badly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+CAPTION_EXTENSIONS = (".txt", ".caption")
+
+# Truncated files must fail loudly, not come back half grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class UnreadableImageError(ValueError):
+    """A file that cannot be turned into an RGB image; `reason` says why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB the way a viewer shows it.
+
+    Alpha is composited over `background` (a plain `.convert("RGB")` turns transparent pixels black); 16-bit and
+    32-bit integer images are rescaled from their real range instead of being clipped to 255; EXIF rotation is
+    applied.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F":
+            peak = max(float(array.max()), 1.0) if array.max() > 1.0 else 1.0
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def load_image_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open `path` as an 8-bit RGB PIL image, or raise `UnreadableImageError` saying why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        reason = str(err) or type(err).__name__
+        if isinstance(err, Image.UnidentifiedImageError):
+            reason = "not an image file PIL can read"
+        elif "truncated" in reason.lower():
+            reason = f"truncated or corrupt image ({reason})"
+        raise UnreadableImageError(path, reason) from err
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)
+
+
+def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
+    """Tensor (C, H, W) in [-1, 1] -> PIL image (values outside the range are clipped)."""
+    array = tensor.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+    array = array.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def to_model_channels(tensor: torch.Tensor, channels: int) -> torch.Tensor:
+    """Adapt an RGB tensor (3, H, W) to a model with 1 or 3 input channels (1 = luminance, ITU-R 601)."""
+    if channels == tensor.shape[0]:
+        return tensor
+    if channels == 1 and tensor.shape[0] == 3:
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=tensor.dtype).view(3, 1, 1)
+        return (tensor * weights).sum(0, keepdim=True)
+    raise ValueError(f"Cannot adapt a {tensor.shape[0]}-channel image to a model with {channels} input channels.")
+
+
+def resize_and_crop(
+    image: Image.Image, size: tuple[int, int], center_crop: bool = True
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize `image` so it covers `size` = (height, width), then crop to it.
+
+    Returns the cropped image and the crop's (top, left) in the resized image, which SDXL's micro-conditioning
+    (`crops_coords_top_left`) needs. Without `center_crop` the crop is anchored at the top-left corner.
+    """
+    target_h, target_w = size
+    scale = max(target_h / image.height, target_w / image.width)
+    resized_w, resized_h = max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))
+    image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
+    top = (resized_h - target_h) // 2 if center_crop else 0
+    left = (resized_w - target_w) // 2 if center_crop else 0
+    return image.crop((left, top, left + target_w, top + target_h)), (top, left)
+
+
+def list_image_files(root: str | os.PathLike) -> list[Path]:
+    """All files under `root` (recursive, sorted) whose extension looks like an image.
+
+    Raises `FileNotFoundError` for a missing folder and `ValueError` for a folder with no image files, with the
+    extensions that were looked for, so an empty or mistyped `--train_data_dir` fails before any work starts.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {str(root)!r} does not exist or is not a directory.")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(
+            f"No images found in {str(root)!r} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}). "
+            "Point --train_data_dir at a folder of images."
+        )
+    return files
+
+
+def read_captions(root: str | os.PathLike, files: list[Path], caption_column: str = "text") -> dict[str, str]:
+    """Captions keyed by path relative to `root`, from `metadata.jsonl` (HF imagefolder) or sidecar files.
+
+    `metadata.jsonl` lines look like `{"file_name": "a/b.png", "text": "a caption"}`; a sidecar `b.txt` or
+    `b.caption` next to `b.png` is used when the metadata has no entry. Images without either get "".
+    """
+    root = Path(root)
+    captions: dict[str, str] = {}
+    for metadata in sorted(root.rglob("metadata.jsonl")):
+        base = metadata.parent
+        for line_number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{metadata}:{line_number}: not valid JSON ({err}).") from err
+            if "file_name" in record:
+                key = (base / record["file_name"]).relative_to(root).as_posix()
+                captions[key] = str(record.get(caption_column, ""))
+    for file in files:
+        key = file.relative_to(root).as_posix()
+        if key in captions:
+            continue
+        for extension in CAPTION_EXTENSIONS:
+            sidecar = file.with_suffix(extension)
+            if sidecar.is_file():
+                captions[key] = sidecar.read_text(encoding="utf-8").strip()
+                break
+    return captions
+
+
+SAMPLE_PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def sample_photos(num_faces: int = 0) -> dict[str, Image.Image]:
+    """The built-in real photographs shipped in scikit-image's wheel, as RGB PIL images (no download).
+
+    `num_faces` adds that many 25x25 grayscale faces from `lfw_subset()` (upscaled to 64x64, as RGB).
+    """
+    try:
+        from skimage import data as skdata
+    except ImportError as err:  # pragma: no cover - scikit-image is a declared dependency
+        raise ImportError("The built-in sample photos need scikit-image: pip install scikit-image") from err
+    photos = {}
+    for name in SAMPLE_PHOTO_NAMES:
+        photos[name] = Image.fromarray(getattr(skdata, name)()).convert("RGB")
+    if num_faces:
+        faces = skdata.lfw_subset()[:num_faces]
+        for index, face in enumerate(faces):
+            gray = Image.fromarray((face * 255).round().astype(np.uint8), mode="L")
+            photos[f"face_{index:03d}"] = gray.resize((64, 64), Image.Resampling.BICUBIC).convert("RGB")
+    return photos
+
+
+def write_sample_photos(folder: str | os.PathLike, num_faces: int = 0) -> list[Path]:
+    """Write the sample photos as PNG files into `folder` (used by demos, tests and benchmarks)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in sample_photos(num_faces).items():
+        path = folder / f"{name}.png"
+        image.save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,66 @@
+"""Shared fixtures: small VAE configs, paired models with identical weights, real photos as tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from PIL import Image
+
+from diffusers_vae_ext import AutoencoderKL
+from diffusers_vae_ext.data import pil_to_tensor, resize_and_crop, sample_photos
+
+torch.set_num_threads(2)
+
+# Small but complete: 3 levels (factor 4), two layers per block, mid-block attention, GroupNorm with 4 groups.
+SMALL_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=32,
+)
+
+
+def make_vae(seed: int = 0, **overrides) -> AutoencoderKL:
+    """Our VAE with random weights; the weights are perturbed so biases and norms are not all 0/1."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**{**SMALL_VAE_CONFIG, **overrides}).eval()
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    return vae
+
+
+def diffusers_twin(vae: AutoencoderKL) -> DiffusersAutoencoderKL:
+    """diffusers' AutoencoderKL with the same config and a copy of `vae`'s weights (strict load)."""
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    twin = DiffusersAutoencoderKL(**config).eval()
+    twin.load_state_dict(vae.state_dict(), strict=True)
+    return twin
+
+
+@pytest.fixture
+def small_vae() -> AutoencoderKL:
+    return make_vae()
+
+
+def photo_batch(size: int = 64, names: tuple[str, ...] = ("astronaut", "chelsea", "coffee")) -> torch.Tensor:
+    """Real photographs (scikit-image), centre-cropped to size x size, in [-1, 1], shape (N, 3, size, size)."""
+    photos = sample_photos()
+    crops = [resize_and_crop(photos[name], (size, size))[0] for name in names]
+    return torch.stack([pil_to_tensor(crop) for crop in crops])
+
+
+@pytest.fixture(scope="session")
+def photos64() -> torch.Tensor:
+    return photo_batch(64)
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> dict[str, Image.Image]:
+    return sample_photos()
