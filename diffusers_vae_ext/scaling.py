@@ -875,6 +875,12 @@ def run_stats(
     )
     state = PartialState()
     if state.is_main_process:
+        if convention != scaling_convention(current):
+            keys = ", ".join(k for k, v in record["config_updates"].items() if v is not None)
+            print(
+                f"Note: the VAE config uses the {scaling_convention(current)!r} convention, these numbers are for "
+                f"{convention!r}: only pipelines that read {keys} apply them (see docs/scaling.md)."
+            )
         for path, reason in skipped:
             print(f"skipped {path}: {reason}")
         print(format_statistics_table(stats, current, skipped=len(skipped)))

@@ -512,3 +512,36 @@ def test_empty_folder_and_non_images_give_clear_errors(stats_folders, tmp_path, 
     assert "error: None of the 3 samples" in error and "not an image file" in error
     assert main(["stats", "--vae", str(vae), "--train_data_dir", str(empty), "--no_progress"]) == 2
     assert "error: No images found" in capsys.readouterr().err
+
+
+def test_cache_dir_reads_unscaled_latents_through_the_cache_reader(stats_folders, monkeypatch, capsys):
+    """Contract with `diffusers_vae_ext.cache.LatentCacheDataset` (a stand-in here; the real reader is tested
+    with real caches in the cache's own tests): unscaled latents, bucketed shapes, a seeded subset."""
+    vae, _ = stats_folders
+    latents = [synthetic_latents(1, size=4 + 2 * (i % 3), seed=20 + i)[0] for i in range(30)]
+    calls = []
+
+    class StandInCacheDataset:
+        def __init__(self, path, sample_posterior=True, seed=0, scale=True):
+            calls.append(dict(path=path, sample_posterior=sample_posterior, seed=seed, scale=scale))
+
+        def __len__(self):
+            return len(latents)
+
+        def __getitem__(self, index):
+            return {"latents": latents[index].float(), "caption": ""}
+
+    stand_in = type(sys)("diffusers_vae_ext.cache")
+    stand_in.LatentCacheDataset = StandInCacheDataset
+    monkeypatch.setitem(sys.modules, "diffusers_vae_ext.cache", stand_in)
+    record = run_stats(str(vae), cache_dir="some/cache", sample_posterior=False, seed=3, show_progress=False)
+    assert calls == [dict(path="some/cache", sample_posterior=False, seed=3, scale=False)]
+    expected = LatentStatistics()
+    for z in latents:
+        expected.update(z.float()[None])
+    assert record["num_images"] == 30 and record["count"] == expected.count
+    assert rel(record["scaling_factor"], expected.scaling_factor) < 1e-12
+    assert rel(record["scaling_factor_stderr"], expected.scaling_factor_stderr) < 1e-9
+    subset = run_stats(str(vae), cache_dir="some/cache", num_images=10, show_progress=False)
+    assert subset["num_images"] == 10
+    assert '"sample_posterior": false' in capsys.readouterr().out
