@@ -9,6 +9,11 @@ and `scale_latents` is its inverse:
 | `latents_mean` and `latents_std` | `(z - mean_c) * scaling_factor / std_c` | `z * std_c / scaling_factor + mean_c` | SDXL-style configs |
 | `shift_factor` | `(z - shift_factor) * scaling_factor` | `z / scaling_factor + shift_factor` | SD3, FLUX |
 | only `scaling_factor` | `z * scaling_factor` | `z / scaling_factor` | SD 1.x, 2.x, SDXL |
+
+The numbers come from data: `LatentStatistics` accumulates latent statistics (streaming, float64, mergeable across
+processes, with standard errors), `estimate_latent_statistics` encodes pixel batches into it,
+`write_latent_statistics` writes a convention's keys into a VAE folder's config.json, and `run_stats` is
+`diffusers-vae stats` / `scripts/compute_scaling_factor.py`. See docs/scaling.md.
 """
 
 from __future__ import annotations
