@@ -45,6 +45,32 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .scaling import run_stats
+
+    try:
+        run_stats(
+            args.vae,
+            train_data_dir=args.train_data_dir,
+            cache_dir=args.cache_dir,
+            subfolder=args.subfolder,
+            num_images=args.num_images,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            sample_posterior=args.sample_posterior,
+            seed=args.seed,
+            convention=args.convention,
+            write_config=args.write_config,
+            dtype=args.dtype,
+            dataloader_num_workers=args.dataloader_num_workers,
+            show_progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-vae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("path", help="a checkpoint file, or a folder holding one")
     convert.set_defaults(func=_cmd_convert)
+
+    stats = commands.add_parser(
+        "stats",
+        help="measure scaling_factor, shift_factor and per-channel latents_mean/latents_std from data",
+        description="Latent statistics for a VAE config (see docs/scaling.md). Runs under `accelerate launch`.",
+    )
+    stats.add_argument("--vae", required=True, help="VAE folder or hub repo (a pipeline with --subfolder vae)")
+    stats.add_argument("--subfolder", default=None)
+    source = stats.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train_data_dir", default=None, help="folder of images (recursive)")
+    source.add_argument("--cache_dir", default=None, help="a latent cache written by `diffusers-vae cache`")
+    stats.add_argument("--num_images", type=int, default=None, help="a seeded random subset of this many")
+    stats.add_argument("--resolution", type=int, default=512, help="centre crop to this square size")
+    stats.add_argument("--batch_size", type=int, default=8)
+    stats.add_argument(
+        "--sample_posterior",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="statistics of posterior samples (default, the LDM recipe) or, with --no-sample_posterior, of means",
+    )
+    stats.add_argument("--seed", type=int, default=0, help="posterior noise and --num_images subset")
+    stats.add_argument(
+        "--convention",
+        choices=("scale", "shift", "per_channel"),
+        default=None,
+        help="which config keys to compute and write (default: the convention the VAE config already uses)",
+    )
+    stats.add_argument("--write_config", action="store_true", help="update the VAE folder's config.json")
+    stats.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    stats.add_argument("--dataloader_num_workers", type=int, default=0)
+    stats.add_argument("--no_progress", action="store_true", help="no progress bar")
+    stats.set_defaults(func=_cmd_stats)
     return parser
 
 
