@@ -118,6 +118,26 @@ def test_txt2img_matches_diffusers_vae(vae_pair, sd_parts):
     assert_same_images(image, generate(make_pipe(StableDiffusionPipeline, theirs, sd_parts)))
 
 
+def test_txt2img_with_a_four_level_vae(sd_parts):
+    """Stable Diffusion's layout: 4 levels, latents at 1/8 of the image size."""
+    vae = make_vae(
+        seed=1,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+    )
+    pipe = make_pipe(StableDiffusionPipeline, vae, sd_parts)
+    assert pipe.vae_scale_factor == 8
+    latents = generate(pipe, height=64, width=64, output_type="latent")
+    assert latents.shape == (1, 4, 8, 8)
+    image = generate(pipe, height=64, width=64)
+    assert image.shape == (1, 64, 64, 3)
+    assert_same_images(
+        image, generate(make_pipe(StableDiffusionPipeline, diffusers_twin(vae), sd_parts), height=64, width=64)
+    )
+
+
 def test_img2img_on_a_photo_matches_diffusers_vae(vae_pair, sd_parts, photo):
     ours, theirs = vae_pair
     kwargs = dict(image=photo, strength=0.6, num_inference_steps=4)
@@ -271,3 +291,15 @@ def test_our_vae_folder_loads_into_a_diffusers_saved_pipeline(vae_pair, sd_parts
     # The other direction: the diffusers pipeline folder's own vae/ subfolder loads into our class.
     from_subfolder = AutoencoderKL.from_pretrained(tmp_path / "pipeline", subfolder="vae")
     assert weights_fingerprint(from_subfolder) == weights_fingerprint(ours)
+
+
+def test_fuse_qkv_projections_of_the_unet_only(vae_pair, sd_parts):
+    ours, _ = vae_pair
+    reference = generate(make_pipe(StableDiffusionPipeline, ours, sd_parts))
+    pipe = make_pipe(StableDiffusionPipeline, ours, copy.deepcopy(sd_parts))
+    # diffusers' pipeline-level fusion checks isinstance(vae, diffusers.AutoencoderKL).
+    with pytest.raises(ValueError, match="only supported for the VAE of type `AutoencoderKL`"):
+        pipe.fuse_qkv_projections()
+    pipe.fuse_qkv_projections(vae=False)
+    assert pipe.fusing_unet
+    np.testing.assert_allclose(generate(pipe), reference, rtol=0, atol=1e-5)
