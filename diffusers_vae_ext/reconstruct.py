@@ -32,13 +32,18 @@ MIN_SSIM_SIDE = 7
 
 @dataclass
 class ReconstructionResult:
-    """One input image: its metrics and side-by-side PNG, or `error` saying why it was skipped."""
+    """One input image: its metrics and side-by-side PNG, or `error` saying why it was skipped.
+
+    `fit` says how the size was made divisible by the VAE factor: `"none"`, `"pad reflect"`, `"pad replicate"` or
+    `"crop"`; `processed_width`/`processed_height` is the size the VAE saw.
+    """
 
     path: str
     width: int | None = None
     height: int | None = None
     processed_width: int | None = None
     processed_height: int | None = None
+    fit: str | None = None
     psnr: float | None = None
     ssim: float | None = None
     output_path: str | None = None
@@ -126,7 +131,7 @@ def reconstruct_images(
         try:
             image = to_model_channels(pil_to_tensor(load_image_rgb(path)), config.in_channels)
             result.height, result.width = image.shape[-2:]
-            model_input, (rows, cols), _ = fit_to_factor(image, factor, size_policy)
+            model_input, (rows, cols), result.fit = fit_to_factor(image, factor, size_policy)
         except (UnreadableImageError, OSError, ValueError) as err:
             # OSError covers missing files and folders; UnreadableImageError already names the path.
             result.error = err.reason if isinstance(err, UnreadableImageError) else str(err)

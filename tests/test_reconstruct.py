@@ -60,7 +60,7 @@ def test_pad_policy_reconstructs_odd_sizes_and_skips_broken_files(photo_files, t
 
     astronaut = results[0]
     assert (astronaut.width, astronaut.height) == (101, 77)
-    assert (astronaut.processed_width, astronaut.processed_height) == (104, 80)
+    assert (astronaut.processed_width, astronaut.processed_height, astronaut.fit) == (104, 80, "pad reflect")
     original = pil_to_tensor(Image.open(photo_files["astronaut"]))
     expected = reference_reconstruction(vae, original)
     left, right = halves(astronaut.output_path)
@@ -75,6 +75,7 @@ def test_pad_policy_reconstructs_odd_sizes_and_skips_broken_files(photo_files, t
 
     coffee = results[2]
     assert (coffee.processed_width, coffee.processed_height) == (coffee.width, coffee.height) == (64, 48)
+    assert coffee.fit == "none"
 
 
 def test_crop_policy_centre_crops_to_the_factor(photo_files, tmp_path):
@@ -82,7 +83,7 @@ def test_crop_policy_centre_crops_to_the_factor(photo_files, tmp_path):
     (result,) = reconstruct_images(
         vae, [photo_files["astronaut"]], output_dir=tmp_path, size_policy="crop", progress=False
     )
-    assert (result.processed_width, result.processed_height) == (100, 76)
+    assert (result.processed_width, result.processed_height, result.fit) == (100, 76, "crop")
     left, right = halves(result.output_path)
     assert left.shape == right.shape == (76, 100, 3)
     # 101 -> 100 drops no column on the left (odd remainder goes right), 77 -> 76 likewise on top.
