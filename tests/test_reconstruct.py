@@ -16,6 +16,15 @@ from diffusers_vae_ext.data import pil_to_tensor, tensor_to_pil, to_model_channe
 from diffusers_vae_ext.reconstruct import fit_to_factor, reconstruct_images
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """These models are tiny: one thread avoids OpenMP waits that make them ~20x slower on a busy shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def photo_files(tmp_path, sample_images):
     """Two real photos (101x77: not divisible by the factor 4; 64x48: divisible) and two broken files."""
