@@ -68,6 +68,33 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import list_image_files
+    from .modeling import AutoencoderKL
+    from .reconstruct import format_report, reconstruct_images, report_json
+
+    paths = []
+    for path in map(Path, args.images):
+        paths.extend(list_image_files(path) if path.is_dir() else [path])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.subfolder or "").to(device).eval()
+    results = reconstruct_images(
+        vae,
+        paths,
+        output_dir=args.output_dir,
+        size_policy=args.size_policy,
+        sample_posterior=args.sample_posterior,
+        seed=args.seed,
+    )
+    print(format_report(results, args.size_policy, vae.downsampling_factor))
+    print(report_json(results, args.size_policy))
+    if not any(result.ok for result in results):
+        print("No image could be reconstructed.", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -117,6 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--dataloader_num_workers", type=int, default=0)
     stats.add_argument("--no_progress", action="store_true", help="no progress bar")
     stats.set_defaults(func=_cmd_stats)
+
+    reconstruct = commands.add_parser(
+        "reconstruct", help="encode+decode images, write input|reconstruction PNGs, print PSNR/SSIM"
+    )
+    reconstruct.add_argument("images", nargs="+", help="image files or folders of images")
+    reconstruct.add_argument("--vae", required=True, help="VAE folder or hub repo (safetensors only)")
+    reconstruct.add_argument("--subfolder", default=None, help='e.g. "vae" for a pipeline folder or repo')
+    reconstruct.add_argument("--output-dir", required=True, help="where the side-by-side PNGs are written")
+    reconstruct.add_argument(
+        "--size-policy",
+        choices=("pad", "crop"),
+        default="pad",
+        help="sides not divisible by the VAE factor: pad (mirror, cut off again before metrics) or centre-crop",
+    )
+    reconstruct.add_argument(
+        "--sample-posterior", action="store_true", help="decode a posterior draw instead of its mean"
+    )
+    reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image)")
+    reconstruct.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    reconstruct.set_defaults(func=_cmd_reconstruct)
     return parser
 
 
