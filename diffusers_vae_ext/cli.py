@@ -68,6 +68,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return 0
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
