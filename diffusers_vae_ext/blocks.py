@@ -205,13 +205,17 @@ def _upsample(upsampler: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     """Fold a (O, I, 3, 3) kernel into the (4 * O, I, 2, 2) kernel of `upsample_nearest2x_conv3x3`'s phases.
 
-    Output channel block `2 * a + b` holds phase (a, b): the output pixels (2i + a, 2j + b). Folded in float32 so
-    half-precision weights are rounded once, after the sums.
+    Output channel block `2 * a + b` holds phase (a, b): the output pixels (2i + a, 2j + b). The result is laid
+    out channels_last, which oneDNN's NHWC convolution takes as is. Folded in float32 so half-precision weights are
+    rounded once, after the sums.
     """
-    fold = torch.tensor(_SUBPIXEL_FOLD, dtype=torch.float32, device=weight.device)
     out_channels, in_channels = weight.shape[:2]
-    folded = torch.einsum("apk,bql,oikl->aboipq", fold, fold, weight.float())
-    return folded.reshape(4 * out_channels, in_channels, 2, 2).to(weight.dtype)
+    fold = torch.tensor(_SUBPIXEL_FOLD, dtype=torch.float32, device=weight.device)
+    # (16, 9): row (a, b, p, q) of the 2x2 phase kernels, column (k, l) of the 3x3 kernel.
+    fold_matrix = torch.einsum("apk,bql->abpqkl", fold, fold).reshape(16, 9)
+    folded = fold_matrix @ weight.float().reshape(out_channels, in_channels, 9).transpose(1, 2)  # (O, abpq, I)
+    folded = folded.view(out_channels, 2, 2, 2, 2, in_channels).permute(1, 2, 0, 3, 4, 5)
+    return folded.reshape(4 * out_channels, 2, 2, in_channels).permute(0, 3, 1, 2).to(weight.dtype)
 
 
 def upsample_nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -225,7 +229,8 @@ def upsample_nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torc
     batch, _, height, width = x.shape
     out_channels = weight.shape[0]
     phase_bias = bias.repeat(4) if bias is not None else None
-    phases = F.conv2d(x, subpixel_weight(weight), phase_bias, padding=1)
+    phase_weight = subpixel_weight(weight).contiguous(memory_format=_memory_format(x))
+    phases = F.conv2d(x, phase_weight, phase_bias, padding=1)
     out = torch.empty(
         (batch, out_channels, 2 * height, 2 * width),
         dtype=phases.dtype,
