@@ -92,8 +92,9 @@ class CacheSettings:
         flip: also cache the horizontally mirrored image (its own sample, id suffix `:flip`).
         max_upscale: skip images that would have to be enlarged by more than this factor to cover their target
             (a 100 px image stretched to 512 px teaches blur).
-        dtype: `"fp32"`, `"fp16"` or `"bf16"`: the dtype the moments are stored in and the VAE runs in (fp16 runs
-            in fp32 when the VAE config says `force_upcast`, as diffusers' pipelines do).
+        dtype: `"fp32"`, `"fp16"` or `"bf16"`: the dtype the VAE runs in and the moments are stored in. Samples
+            whose latents come out NaN/Inf are re-encoded alone in float32. VAEs that overflow in fp16 (SDXL's,
+            `force_upcast=True`) would re-encode most images that way: use bf16 or fp32 for them.
     """
 
     resolution: int = 512
@@ -152,11 +153,21 @@ class _FolderSource:
         return {"type": "image_folder", "path": str(self.root.resolve()), "num_files": len(self)}
 
 
+def _import_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            "Caching a datasets dataset needs `datasets`: pip install 'diffusers-vae-ext[datasets]'"
+        ) from err
+    return datasets
+
+
 class _DatasetSource:
     """Rows of a `datasets.Dataset`, labelled `row<N>`; images read as raw bytes and decoded by us."""
 
     def __init__(self, dataset: Any, image_column: str | None, caption_column: str | None, name: str | None):
-        import datasets
+        datasets = _import_datasets()
 
         columns = list(dataset.column_names)
         if image_column is None:
@@ -233,8 +244,7 @@ def _open_source(
         return _FolderSource(train_data_dir, caption_column)
     name = None
     if isinstance(dataset, (str, os.PathLike)):
-        import datasets
-
+        datasets = _import_datasets()
         name = str(dataset)
         if Path(name).exists():
             dataset = datasets.load_from_disk(name)
@@ -599,10 +609,7 @@ class _Encoder:
     """Encodes batches to moments in the storage dtype; re-encodes non-finite samples alone in float32."""
 
     def __init__(self, vae: torch.nn.Module, device: torch.device, settings: CacheSettings):
-        self.storage_dtype = DTYPES[settings.dtype]
-        force_upcast = bool(getattr(vae.config, "force_upcast", False))
-        self.encode_dtype = torch.float32 if (self.storage_dtype == torch.float16 and force_upcast) else None
-        self.encode_dtype = self.encode_dtype or self.storage_dtype
+        self.storage_dtype = self.encode_dtype = DTYPES[settings.dtype]
         # The weights as loaded, kept aside before the cast, for the float32 re-encode of non-finite samples.
         self._fp32_source = copy.deepcopy(vae).cpu() if self.encode_dtype != torch.float32 else None
         self._fp32_vae: torch.nn.Module | None = None
@@ -706,7 +713,8 @@ def precompute_latents(
     fingerprint = weights_fingerprint(vae)
     encoder = _Encoder(vae, state.device, settings)
     provenance = _provenance(vae, settings, fingerprint, _DTYPE_NAMES[encoder.encode_dtype])
-    source = _open_source(train_data_dir, dataset, dataset_split, image_column, caption_column)
+    with state.main_process_first():  # one process downloads / prepares a hub dataset, the others reuse it
+        source = _open_source(train_data_dir, dataset, dataset_split, image_column, caption_column)
 
     # 1. Refuse a cache built otherwise (every process reads the same file, so all raise together).
     if not overwrite and (output_dir / CACHE_FILE).is_file():
