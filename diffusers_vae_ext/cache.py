@@ -12,7 +12,7 @@ Writer (`precompute_latents`, `diffusers-vae cache`, `scripts/precompute_latents
   processes of `accelerate launch`: each sample is encoded by exactly one process, in the same batch whatever
   the number of processes or restarts, so the stored tensors do not depend on either;
 - records the VAE fingerprint, the preprocessing and the scaling convention in `cache.json` and every shard, and
-  refuses to resume or read with different ones;
+  refuses to resume with different ones;
 - skips bad input (unreadable, too small, non-finite latents) with a reason in `skipped.jsonl`.
 
 Reader (`LatentCacheDataset`, `BucketBatchSampler`): memory-mapped reads, per-(seed, epoch, id) posterior draws,

@@ -357,7 +357,8 @@ def test_two_processes_equal_one_then_other_vae_refused_and_overwrite_rebuilds(
     workdir, vae_dir, photo_folder, reference_cache, capsys
 ):
     out = workdir / "two_processes"
-    command = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu"]
+    command += ["--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     command += [str(REPO / "scripts/precompute_latents.py"), "--vae", str(vae_dir)]
     command += ["--train_data_dir", str(photo_folder[0]), "--output_dir", str(out), "--resolution", "64", "--flip"]
