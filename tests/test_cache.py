@@ -99,7 +99,7 @@ def write_photo_folder(root: Path) -> dict[str, np.ndarray]:
     jpeg = io.BytesIO()
     photos["chelsea"].save(jpeg, format="JPEG")
     (root / "bad/truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    (root / "bad/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    (root / "bad/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     (root / "bad/notes.png").write_text("these are notes, not an image")
     (root / "bad/empty.jpg").write_bytes(b"")
     photos["coffee"].resize((16, 16)).save(root / "bad/tiny.png")
