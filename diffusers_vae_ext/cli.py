@@ -71,6 +71,36 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import CacheMismatchError, precompute_latents
+
+    try:
+        precompute_latents(
+            args.vae,
+            args.output_dir,
+            train_data_dir=args.train_data_dir,
+            dataset=args.dataset_name,
+            vae_subfolder=args.vae_subfolder,
+            dataset_split=args.dataset_split,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            resolution=args.resolution,
+            center_crop=args.center_crop,
+            buckets=args.buckets,
+            flip=args.flip,
+            max_upscale=args.max_upscale,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            num_workers=args.dataloader_num_workers,
+            shard_size=args.shard_size,
+            overwrite=args.overwrite,
+        )
+    except (CacheMismatchError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
@@ -165,6 +195,35 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image)")
     reconstruct.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     reconstruct.set_defaults(func=_cmd_reconstruct)
+    cache = commands.add_parser(
+        "cache",
+        help="precompute latents (posterior mean and logvar) of an image folder or dataset for diffusion training",
+        description="Encode images once into a sharded, resumable latent cache (see docs/latent_cache.md). "
+        "Runs unchanged under `accelerate launch --num_processes N`.",
+    )
+    cache.add_argument("--vae", required=True, help="VAE folder or hub id (a pipeline folder with --vae_subfolder)")
+    cache.add_argument("--vae_subfolder", default=None, help="e.g. vae (found automatically in a pipeline folder)")
+    cache_input = cache.add_mutually_exclusive_group(required=True)
+    cache_input.add_argument("--train_data_dir", help="image folder (recursive; metadata.jsonl or .txt captions)")
+    cache_input.add_argument("--dataset_name", help="datasets name, or a folder saved with save_to_disk")
+    cache.add_argument("--dataset_split", default="train")
+    cache.add_argument("--image_column", default=None, help="dataset image column (default: image)")
+    cache.add_argument("--caption_column", default=None, help="caption column / metadata.jsonl key (default: text)")
+    cache.add_argument("--output_dir", required=True, help="cache folder; an existing matching cache is resumed")
+    cache.add_argument("--resolution", type=int, default=512)
+    cache_crop = cache.add_mutually_exclusive_group()
+    cache_crop.add_argument("--center_crop", action="store_true", help="centre crop (default: top-left crop)")
+    cache_crop.add_argument("--buckets", action="store_true", help="aspect-ratio buckets of about resolution^2 px")
+    cache.add_argument("--flip", action="store_true", help="also cache the horizontally flipped image")
+    cache.add_argument(
+        "--max_upscale", type=float, default=2.0, help="skip images needing more upscaling to cover their target"
+    )
+    cache.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage and encode dtype")
+    cache.add_argument("--batch_size", type=int, default=8)
+    cache.add_argument("--dataloader_num_workers", type=int, default=2)
+    cache.add_argument("--shard_size", type=int, default=512, help="about this many samples per shard")
+    cache.add_argument("--overwrite", action="store_true", help="delete an existing cache in --output_dir first")
+    cache.set_defaults(func=_cmd_cache)
     return parser
 
 

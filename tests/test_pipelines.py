@@ -109,12 +109,12 @@ def generate(pipe, **kwargs) -> np.ndarray:
     return output.float().numpy() if isinstance(output, torch.Tensor) else output
 
 
-def assert_same_images(ours: np.ndarray, reference: np.ndarray) -> None:
+def assert_same_images(ours: np.ndarray, reference: np.ndarray, atol: float = ATOL) -> None:
     assert ours.shape == reference.shape
     assert np.isfinite(ours).all()
     # A flat image would match trivially; the tiny models must produce some structure.
     assert reference.std() > 0.01
-    np.testing.assert_allclose(ours, reference, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=atol)
 
 
 # -------------------------------------------------------------------------------- same images as diffusers' VAE
@@ -187,7 +187,8 @@ def test_sdxl_fp16_follows_force_upcast(sdxl_parts, force_upcast):
         assert pipe.vae.dtype == torch.float16
     expected = torch.float32 if force_upcast else torch.float16
     assert decode_dtypes == [[expected], [expected]]
-    assert_same_images(images[0], images[1])
+    # A float16 decode sums in a different order on our fast path (sub-pixel upsample conv): a few fp16 ulps.
+    assert_same_images(images[0], images[1], atol=ATOL if force_upcast else 2e-3)
 
 
 def test_sdxl_img2img_matches_diffusers_vae(sdxl_vae_pair, sdxl_parts, photo):

@@ -75,7 +75,7 @@ def test_pad_policy_reconstructs_odd_sizes_and_skips_broken_files(photo_files, t
     left, right = halves(astronaut.output_path)
     assert left.shape == right.shape == (77, 101, 3)  # the padding is not in the PNG
     np.testing.assert_array_equal(left, np.asarray(Image.open(photo_files["astronaut"])))
-    np.testing.assert_array_equal(right, np.asarray(tensor_to_pil(expected)))
+    assert_same_uint8(right, tensor_to_pil(expected))
 
     # Metrics are over the original pixels only, as scikit-image computes them.
     ref01, rec01 = ((original.double() + 1) / 2).numpy(), ((expected.double() + 1) / 2).numpy()
@@ -85,6 +85,12 @@ def test_pad_policy_reconstructs_odd_sizes_and_skips_broken_files(photo_files, t
     coffee = results[2]
     assert (coffee.processed_width, coffee.processed_height) == (coffee.width, coffee.height) == (64, 48)
     assert coffee.fit == "none"
+
+
+def assert_same_uint8(image: np.ndarray, expected: Image.Image) -> None:
+    """Equal up to rounding: a float a hair from a .5 boundary may round either way (a few pixels, by 1)."""
+    difference = np.abs(image.astype(np.int16) - np.asarray(expected).astype(np.int16))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
 
 
 def test_crop_policy_centre_crops_to_the_factor(photo_files, tmp_path):
@@ -99,7 +105,7 @@ def test_crop_policy_centre_crops_to_the_factor(photo_files, tmp_path):
     np.testing.assert_array_equal(left, np.asarray(Image.open(photo_files["astronaut"]))[0:76, 0:100])
     with torch.no_grad():
         expected = vae(pil_to_tensor(Image.fromarray(left)).unsqueeze(0)).sample[0].clamp(-1, 1)
-    np.testing.assert_array_equal(right, np.asarray(tensor_to_pil(expected)))
+    assert_same_uint8(right, tensor_to_pil(expected))
 
 
 def test_fit_to_factor_pads_with_edge_values_when_too_small_to_mirror():
