@@ -553,3 +553,28 @@ def test_cache_dir_reads_unscaled_latents_through_the_cache_reader(stats_folders
     subset = run_stats(str(vae), cache_dir="some/cache", num_images=10, show_progress=False)
     assert subset["num_images"] == 10
     assert '"sample_posterior": false' in capsys.readouterr().out
+
+
+def test_cache_dir_statistics_equal_those_of_the_images(stats_folders, tmp_path):
+    """A real latent cache of the same photos (centre crops at the same resolution) gives the image statistics."""
+    from diffusers_vae_ext.cache import precompute_latents
+
+    vae, images = stats_folders
+    cache = tmp_path / "cache"
+    summary = precompute_latents(
+        str(vae), cache, train_data_dir=images, resolution=32, center_crop=True, num_workers=0, progress=False
+    )
+    assert summary.cached == 16 and summary.skipped == {"unreadable": 1}  # not_really.png, reported too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch-independent convolutions: the two runs batch the photos differently
+    try:
+        common = dict(resolution=32, sample_posterior=False, show_progress=False)
+        from_images = run_stats(str(vae), train_data_dir=str(images), **common)
+        from_cache = run_stats(str(vae), cache_dir=str(cache), **common)
+    finally:
+        torch.set_num_threads(threads)
+    assert from_cache["num_images"] == from_images["num_images"] == 16
+    assert from_cache["count"] == from_images["count"] == 16 * 4 * 4 * 4
+    for key in ("scaling_factor", "shift_factor", "std"):
+        assert rel(from_cache[key], from_images[key]) < 1e-5, key
+    assert max_rel(torch.tensor(from_cache["latents_std"]), torch.tensor(from_images["latents_std"])) < 1e-5
