@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 from diffusers.models.autoencoders.vae import (
     AutoencoderMixin,
     Decoder,
@@ -288,6 +289,26 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
         shape = (num_samples, self.config.latent_channels, height // factor, width // factor)
         z = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         return self.decode(z).sample.clamp(-1, 1)
+
+    # ----------------------------------------------------------------------------------------------- attention
+    # diffusers' AutoencoderKL overrides AttentionMixin's versions, which skip the VAE's legacy `Attention` blocks;
+    # ours must too, or `fuse_qkv_projections()` would silently do nothing.
+    def fuse_qkv_projections(self) -> None:
+        """Fuse each attention's query, key and value projections into one matmul (diffusers' experimental API)."""
+        processors = self.attn_processors
+        if any("Added" in type(processor).__name__ for processor in processors.values()):
+            raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
+        self.original_attn_processors = processors
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections(fuse=True)
+        self.set_attn_processor(FusedAttnProcessor2_0())
+
+    def unfuse_qkv_projections(self) -> None:
+        """Undo `fuse_qkv_projections()`: restore the attention processors in use before it."""
+        if getattr(self, "original_attn_processors", None) is not None:
+            self.set_attn_processor(self.original_attn_processors)
+            self.original_attn_processors = None
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod

@@ -223,6 +223,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(photos64):
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_fused_qkv_projections_match_diffusers_and_unfuse_restores(photos64):
+    vae = make_vae(seed=3)
+    twin = diffusers_twin(vae)
+    with torch.no_grad():
+        unfused = vae(photos64).sample
+        vae.fuse_qkv_projections()
+        twin.fuse_qkv_projections()
+        assert {type(p).__name__ for p in vae.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+        fused, reference = vae(photos64).sample, twin(photos64).sample
+        vae.unfuse_qkv_projections()
+        assert {type(p).__name__ for p in vae.attn_processors.values()} == {"AttnProcessor2_0"}
+        restored = vae(photos64).sample
+    assert max_diff(fused, reference) <= FORWARD_TOL
+    assert max_diff(fused, unfused) <= FORWARD_TOL
+    assert not torch.equal(fused, unfused)  # the fused processor really ran
+    assert torch.equal(restored, unfused)
+
+
 def test_grayscale_and_wide_latent_configs_match_diffusers():
     vae = make_vae(
         in_channels=1, out_channels=1, latent_channels=16, use_quant_conv=False, mid_block_add_attention=False
