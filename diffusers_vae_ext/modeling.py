@@ -23,10 +23,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
 
+from .tiling import TiledAutoencoderMixin, tiled_decode, tiled_encode
+
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
+class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, AutoencoderMixin, ConfigMixin):
     r"""A variational autoencoder with a KL-regularised diagonal Gaussian latent space (the Stable Diffusion VAE).
 
     A drop-in for `diffusers.AutoencoderKL`: the config keys, their defaults and the state-dict keys are the same,
@@ -80,7 +82,8 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
             self-attention layer.
 
     Runtime switches (`enable_slicing()`, `enable_tiling()`, gradient checkpointing) are attributes, not config,
-    so a saved folder stays a plain AutoencoderKL folder.
+    so a saved folder stays a plain AutoencoderKL folder. `enable_tiling()` is exact: the tiled result equals the
+    untiled one up to float rounding (see `diffusers_vae_ext.tiling`).
     """
 
     _supports_gradient_checkpointing = True
@@ -198,6 +201,8 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
 
     # ----------------------------------------------------------------------------------------------- encode
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and self._tiles_needed(x.shape[-2], x.shape[-1]):
+            return tiled_encode(self, x)
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -222,6 +227,9 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
 
     # ----------------------------------------------------------------------------------------------- decode
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        factor = self.downsampling_factor
+        if self.use_tiling and self._tiles_needed(z.shape[-2] * factor, z.shape[-1] * factor):
+            return tiled_decode(self, z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
