@@ -45,6 +45,60 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .scaling import run_stats
+
+    try:
+        run_stats(
+            args.vae,
+            train_data_dir=args.train_data_dir,
+            cache_dir=args.cache_dir,
+            subfolder=args.subfolder,
+            num_images=args.num_images,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            sample_posterior=args.sample_posterior,
+            seed=args.seed,
+            convention=args.convention,
+            write_config=args.write_config,
+            dtype=args.dtype,
+            dataloader_num_workers=args.dataloader_num_workers,
+            show_progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import list_image_files
+    from .modeling import AutoencoderKL
+    from .reconstruct import format_report, reconstruct_images, report_json
+
+    paths = []
+    for path in map(Path, args.images):
+        paths.extend(list_image_files(path) if path.is_dir() else [path])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.subfolder or "").to(device).eval()
+    results = reconstruct_images(
+        vae,
+        paths,
+        output_dir=args.output_dir,
+        size_policy=args.size_policy,
+        sample_posterior=args.sample_posterior,
+        seed=args.seed,
+    )
+    print(format_report(results, args.size_policy, vae.downsampling_factor))
+    print(report_json(results, args.size_policy))
+    if not any(result.ok for result in results):
+        print("No image could be reconstructed.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-vae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +113,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("path", help="a checkpoint file, or a folder holding one")
     convert.set_defaults(func=_cmd_convert)
+
+    stats = commands.add_parser(
+        "stats",
+        help="measure scaling_factor, shift_factor and per-channel latents_mean/latents_std from data",
+        description="Latent statistics for a VAE config (see docs/scaling.md). Runs under `accelerate launch`.",
+    )
+    stats.add_argument("--vae", required=True, help="VAE folder or hub repo (a pipeline with --subfolder vae)")
+    stats.add_argument("--subfolder", default=None)
+    source = stats.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train_data_dir", default=None, help="folder of images (recursive)")
+    source.add_argument("--cache_dir", default=None, help="a latent cache written by `diffusers-vae cache`")
+    stats.add_argument("--num_images", type=int, default=None, help="a seeded random subset of this many")
+    stats.add_argument("--resolution", type=int, default=512, help="centre crop to this square size")
+    stats.add_argument("--batch_size", type=int, default=8)
+    stats.add_argument(
+        "--sample_posterior",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="statistics of posterior samples (default, the LDM recipe) or, with --no-sample_posterior, of means",
+    )
+    stats.add_argument("--seed", type=int, default=0, help="posterior noise and --num_images subset")
+    stats.add_argument(
+        "--convention",
+        choices=("scale", "shift", "per_channel"),
+        default=None,
+        help="which config keys to compute and write (default: the convention the VAE config already uses)",
+    )
+    stats.add_argument("--write_config", action="store_true", help="update the VAE folder's config.json")
+    stats.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    stats.add_argument("--dataloader_num_workers", type=int, default=0)
+    stats.add_argument("--no_progress", action="store_true", help="no progress bar")
+    stats.set_defaults(func=_cmd_stats)
+
+    reconstruct = commands.add_parser(
+        "reconstruct", help="encode+decode images, write input|reconstruction PNGs, print PSNR/SSIM"
+    )
+    reconstruct.add_argument("images", nargs="+", help="image files or folders of images")
+    reconstruct.add_argument("--vae", required=True, help="VAE folder or hub repo (safetensors only)")
+    reconstruct.add_argument("--subfolder", default=None, help='e.g. "vae" for a pipeline folder or repo')
+    reconstruct.add_argument("--output-dir", required=True, help="where the side-by-side PNGs are written")
+    reconstruct.add_argument(
+        "--size-policy",
+        choices=("pad", "crop"),
+        default="pad",
+        help="sides not divisible by the VAE factor: pad (mirror, cut off again before metrics) or centre-crop",
+    )
+    reconstruct.add_argument(
+        "--sample-posterior", action="store_true", help="decode a posterior draw instead of its mean"
+    )
+    reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image)")
+    reconstruct.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    reconstruct.set_defaults(func=_cmd_reconstruct)
     return parser
 
 

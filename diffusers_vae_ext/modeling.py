@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
 
+from .blocks import run_decoder, run_encoder
 from .tiling import TiledAutoencoderMixin, tiled_decode, tiled_encode
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -149,6 +150,9 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
 
         self.use_slicing = False
         self.use_tiling = False
+        # Inference runs diffusers' blocks through `blocks.run_encoder/run_decoder` (same result, faster on CPU);
+        # set False to run diffusers' module forwards instead.
+        self.use_fast_path = True
 
     @property
     def downsampling_factor(self) -> int:
@@ -203,7 +207,7 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and self._tiles_needed(x.shape[-2], x.shape[-1]):
             return tiled_encode(self, x)
-        moments = self.encoder(x)
+        moments = run_encoder(self.encoder, x) if self.use_fast_path else self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return moments
@@ -232,7 +236,7 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
             return tiled_decode(self, z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return run_decoder(self.decoder, z) if self.use_fast_path else self.decoder(z)
 
     @apply_forward_hook
     def decode(

@@ -16,6 +16,10 @@ import diffusers_vae_ext
 from diffusers_vae_ext import AutoencoderKL, weights_fingerprint
 
 TOL = 1e-5
+# forward() = decode(encode(x)): this small random decoder turns a 1-ulp change of the latents into ~1e-5 at the output
+# (diffusers' own fp32 forward is 1.3e-5 from a float64 run), so the fast path's reordered fp32 sums in encode show up
+# amplified there. encode and decode on their own keep TOL.
+FORWARD_TOL = 5e-5
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,11 +59,11 @@ def test_encode_decode_forward_equal_diffusers_on_real_photos(small_vae, photos6
         assert max_diff(decoded.sample, twin.decode(z).sample) <= TOL
         assert max_diff(small_vae.decode(z, return_dict=False)[0], decoded.sample) == 0
 
-        assert max_diff(small_vae(photos64).sample, twin(photos64).sample) <= TOL
+        assert max_diff(small_vae(photos64).sample, twin(photos64).sample) <= FORWARD_TOL
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         ours_sampled = small_vae(photos64, sample_posterior=True, generator=g1).sample
         theirs_sampled = twin(photos64, sample_posterior=True, generator=g2).sample
-        assert max_diff(ours_sampled, theirs_sampled) <= TOL
+        assert max_diff(ours_sampled, theirs_sampled) <= FORWARD_TOL
 
 
 def test_save_ours_load_diffusers_and_back(tmp_path, small_vae, photos64):
@@ -72,7 +76,7 @@ def test_save_ours_load_diffusers_and_back(tmp_path, small_vae, photos64):
     theirs, info = DiffusersAutoencoderKL.from_pretrained(tmp_path / "ours", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
-        assert max_diff(small_vae(photos64).sample, theirs.eval()(photos64).sample) <= TOL
+        assert max_diff(small_vae(photos64).sample, theirs.eval()(photos64).sample) <= FORWARD_TOL
 
     theirs.save_pretrained(tmp_path / "theirs")
     back, info = AutoencoderKL.from_pretrained(tmp_path / "theirs", output_loading_info=True)

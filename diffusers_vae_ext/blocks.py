@@ -1,0 +1,247 @@
+"""Inference execution of diffusers' VAE blocks: the same modules and weights, run with fewer copies and MACs.
+
+diffusers' `Encoder`/`Decoder` (and their `ResnetBlock2D`, `Attention`, `Upsample2D`, ... children) stay the
+parameter holders, so state dicts and saved folders are unchanged; `run_encoder`/`run_decoder` only execute them
+differently:
+
+- on CPU, activations are channels_last (NHWC): oneDNN convolutions are faster on it, and the mid-block attention
+  reads and writes its token matrix with no transposes;
+- nearest 2x upsampling followed by the 3x3 convolution is computed as one 2x2 "sub-pixel" convolution on the
+  small input (16/36 of the multiply-adds), whose four phases are interleaved into the output;
+- SiLU and the residual adds run in place, and divisions by an output scale factor of 1 are skipped.
+
+The fast path runs only when autograd does not record (inference, or frozen weights); training keeps diffusers'
+own forward, so gradients and gradient checkpointing are exactly diffusers'. Anything it does not recognise runs
+through the module's own forward: hooked modules (sequential CPU offload, `register_forward_hook`), custom
+attention processors (`set_attn_processor`, fused QKV), other block types, spatial norms, and so on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.autoencoders.vae import Decoder, Encoder
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
+from diffusers.models.upsampling import Upsample2D
+
+# Which 3x3 kernel rows feed each of the two taps of a sub-pixel phase. Output row 2i reads upsampled rows
+# 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps: kernel row 0 | rows 1+2); output row 2i+1 reads input rows i, i, i+1
+# (taps: rows 0+1 | row 2). The same holds for columns.
+_SUBPIXEL_FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def run_encoder(encoder: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    """`encoder(sample)` for diffusers' `Encoder`, through the fast path when it applies; returns a contiguous tensor."""
+    if type(encoder) is not Encoder or not _fast_path_applies(encoder, sample):
+        return encoder(sample)
+    hidden = encoder.conv_in(_to_working_format(sample))
+    for block in encoder.down_blocks:
+        hidden = _down_block(block, hidden)
+    hidden = _mid_block(encoder.mid_block, hidden)
+    hidden = _norm_act(encoder.conv_norm_out, encoder.conv_act, hidden)
+    return encoder.conv_out(hidden).contiguous()
+
+
+def run_decoder(decoder: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """`decoder(latents)` for diffusers' `Decoder`, through the fast path when it applies; returns a contiguous tensor."""
+    # A spatial-norm (MoVQ) decoder needs latent embeddings at every norm: leave it to diffusers.
+    spatial = not isinstance(getattr(decoder, "conv_norm_out", None), nn.GroupNorm)
+    if type(decoder) is not Decoder or spatial or not _fast_path_applies(decoder, latents):
+        return decoder(latents)
+    hidden = decoder.conv_in(_to_working_format(latents))
+    hidden = _mid_block(decoder.mid_block, hidden)
+    for block in decoder.up_blocks:
+        hidden = _up_block(block, hidden)
+    hidden = _norm_act(decoder.conv_norm_out, decoder.conv_act, hidden)
+    return decoder.conv_out(hidden).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------- gating
+def _fast_path_applies(root: nn.Module, x: torch.Tensor) -> bool:
+    # In-place ops and weight folding are only safe when autograd records nothing.
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in root.parameters())):
+        return False
+    # Hooks and patched forwards (accelerate's per-module offload, feature taps) expect module calls we would skip.
+    return x.ndim == 4 and not any(_is_hooked(module) for module in root.modules())
+
+
+def _is_hooked(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hasattr(module, "_hf_hook")
+        or "forward" in module.__dict__
+        or any(p.device.type == "meta" for p in module.parameters(recurse=False))
+    )
+
+
+def _to_working_format(x: torch.Tensor) -> torch.Tensor:
+    # channels_last pays off for oneDNN on CPU; elsewhere keep the caller's layout (no measured gain to claim).
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    is_nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if is_nhwc else torch.contiguous_format
+
+
+# --------------------------------------------------------------------------------------------------- blocks
+def _norm_act(norm: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # The norm's output is a fresh tensor, so the activation may overwrite it.
+    hidden = norm(x)
+    return F.silu(hidden, inplace=True) if type(act) is nn.SiLU else act(hidden)
+
+
+def _down_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    if type(block) is not DownEncoderBlock2D:
+        return block(hidden)
+    for resnet in block.resnets:
+        hidden = _resnet(resnet, hidden)
+    for downsampler in block.downsamplers or ():
+        hidden = downsampler(hidden)
+    return hidden
+
+
+def _up_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    if type(block) is not UpDecoderBlock2D:
+        return block(hidden)
+    for resnet in block.resnets:
+        hidden = _resnet(resnet, hidden)
+    for upsampler in block.upsamplers or ():
+        hidden = _upsample(upsampler, hidden)
+    return hidden
+
+
+def _mid_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    if type(block) is not UNetMidBlock2D:
+        return block(hidden)
+    hidden = _resnet(block.resnets[0], hidden)
+    for attn, resnet in zip(block.attentions, block.resnets[1:]):
+        if attn is not None:
+            hidden = _attention(attn, hidden)
+        hidden = _resnet(resnet, hidden)
+    return hidden
+
+
+def _resnet(resnet: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    plain = (
+        type(resnet) is ResnetBlock2D
+        and resnet.time_emb_proj is None
+        and resnet.upsample is None
+        and resnet.downsample is None
+        # Without a time embedding, "default" and the decoder's "group" both mean: norm2, then the activation.
+        and resnet.time_embedding_norm in ("default", "group")
+    )
+    if not plain:
+        return resnet(x, None)
+    hidden = resnet.conv1(_norm_act(resnet.norm1, resnet.nonlinearity, x))
+    hidden = _norm_act(resnet.norm2, resnet.nonlinearity, hidden)
+    if resnet.dropout.p > 0 and resnet.dropout.training:
+        hidden = resnet.dropout(hidden)
+    hidden = resnet.conv2(hidden)
+    # conv2's output is fresh: add the shortcut into it instead of allocating a sum.
+    hidden += resnet.conv_shortcut(x) if resnet.conv_shortcut is not None else x
+    if resnet.output_scale_factor != 1:
+        hidden /= resnet.output_scale_factor
+    return hidden
+
+
+def _attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # Only the default SDPA processor is reproduced; any other processor (custom, fused QKV, ...) runs itself.
+    plain = (
+        type(attn) is Attention
+        and type(attn.processor) is AttnProcessor2_0
+        and attn.spatial_norm is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and not attn.is_cross_attention
+    )
+    if not plain:
+        return attn(x)
+    batch, channels, height, width = x.shape
+    hidden = attn.group_norm(x) if attn.group_norm is not None else x
+    # For channels_last activations this (N, H*W, C) token matrix is a view, not a copy.
+    tokens = hidden.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+    query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    # AttnProcessor2_0 uses SDPA's default scale (1 / sqrt(head_dim)) too.
+    hidden = F.scaled_dot_product_attention(query, key, value)
+    hidden = hidden.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    hidden = attn.to_out[1](attn.to_out[0](hidden))
+    out = hidden.view(batch, height, width, -1).permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
+    if attn.residual_connection:
+        out += x
+    if attn.rescale_output_factor != 1:
+        out /= attn.rescale_output_factor
+    return out
+
+
+def _upsample(upsampler: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    conv = getattr(upsampler, "conv" if getattr(upsampler, "name", None) == "conv" else "Conv2d_0", None)
+    plain = (
+        type(upsampler) is Upsample2D
+        and upsampler.use_conv
+        and not upsampler.use_conv_transpose
+        and upsampler.interpolate
+        and upsampler.norm is None
+        and type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+    if not plain:
+        return upsampler(x)
+    return upsample_nearest2x_conv3x3(x, conv.weight, conv.bias)
+
+
+# --------------------------------------------------------------------------------------------------- sub-pixel
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Fold a (O, I, 3, 3) kernel into the (4 * O, I, 2, 2) kernel of `upsample_nearest2x_conv3x3`'s phases.
+
+    Output channel block `2 * a + b` holds phase (a, b): the output pixels (2i + a, 2j + b). The result is laid
+    out channels_last, which oneDNN's NHWC convolution takes as is. Folded in float32 so half-precision weights are
+    rounded once, after the sums (float64 weights are folded in float64).
+    """
+    out_channels, in_channels = weight.shape[:2]
+    # float64 weights stay float64 (folding them in float32 would round them).
+    fold_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    fold = torch.tensor(_SUBPIXEL_FOLD, dtype=fold_dtype, device=weight.device)
+    # (16, 9): row (a, b, p, q) of the 2x2 phase kernels, column (k, l) of the 3x3 kernel.
+    fold_matrix = torch.einsum("apk,bql->abpqkl", fold, fold).reshape(16, 9)
+    folded = fold_matrix @ weight.to(fold_dtype).reshape(out_channels, in_channels, 9).transpose(1, 2)  # (O, abpq, I)
+    folded = folded.view(out_channels, 2, 2, 2, 2, in_channels).permute(1, 2, 0, 3, 4, 5)
+    return folded.reshape(4 * out_channels, 2, 2, in_channels).permute(0, 3, 1, 2).to(weight.dtype)
+
+
+def upsample_nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` with 16/36 of the MACs.
+
+    Every output pixel (2i + a, 2j + b) of the upsampled convolution sees only a 2x2 neighbourhood of `x`, with
+    kernel rows/columns summed per phase. One 2x2 convolution with the four phase kernels stacked as output
+    channels, over `x` padded by 1, gives (H + 1) x (W + 1) positions; phase (a, b) is its [a : a + H, b : b + W]
+    window, copied into the interleaved output (a cheap pass next to the saved convolution work).
+    """
+    batch, _, height, width = x.shape
+    out_channels = weight.shape[0]
+    phase_bias = bias.repeat(4) if bias is not None else None
+    phase_weight = subpixel_weight(weight).contiguous(memory_format=_memory_format(x))
+    phases = F.conv2d(x, phase_weight, phase_bias, padding=1)
+    out = torch.empty(
+        (batch, out_channels, 2 * height, 2 * width),
+        dtype=phases.dtype,
+        device=phases.device,
+        memory_format=_memory_format(x),
+    )
+    grid = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # (N, O, H, a, W, b), a view of `out`
+    for a in range(2):
+        for b in range(2):
+            block = phases[:, (2 * a + b) * out_channels : (2 * a + b + 1) * out_channels]
+            grid[:, :, :, a, :, b].copy_(block[:, :, a : a + height, b : b + width])
+    return out
