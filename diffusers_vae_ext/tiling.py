@@ -475,9 +475,10 @@ class _TiledRun:
         merge_cols = max(1, merge // merge_rows)
         return _coarsen(rows, merge_rows), _coarsen(cols, merge_cols)
 
-    def new_store(self, channels: int, scale: int, dtype: torch.dtype, device: torch.device | None = None):
+    def new_store(self, channels: int, scale: int, dtype: torch.dtype, rows: list[int], device=None) -> _Store:
+        # Bands = the producing stage's work-tile rows, so a full-width work tile becomes a band without a copy.
         height, width = self.row_edges[-1] // scale, self.col_edges[-1] // scale
-        return _Store((self.batch, channels, height, width), self.edges(scale), device or self.storage, dtype)
+        return _Store((self.batch, channels, height, width), rows, device or self.storage, dtype)
 
     # -- the one kind of stage: [GroupNorm + act] -> [nearest x2] -> conv, over all tiles
     def conv_stage(
@@ -522,8 +523,11 @@ class _TiledRun:
                 raise RuntimeError("internal tiling error: unsupported upsampling stage")
             phase_weight = subpixel_weight(conv.weight).contiguous(memory_format=_memory_format(self.compute))
             phase_bias = conv.bias.repeat(4) if conv.bias is not None else None
-        out = residual if residual is not None else self.new_store(conv.out_channels, scale_out, x.dtype, out_device)
-        skip = self.new_store(shortcut.out_channels, scale_out, x.dtype) if shortcut is not None else None
+        if residual is None:
+            out = self.new_store(conv.out_channels, scale_out, x.dtype, rows, out_device)
+        else:
+            out = residual
+        skip = self.new_store(shortcut.out_channels, scale_out, x.dtype, rows) if shortcut is not None else None
         stats = _GroupStats(stats_groups) if stats_groups else None
         in_place = residual is not None and residual.device == self.compute
 
