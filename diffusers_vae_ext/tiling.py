@@ -17,6 +17,10 @@ statistics and its own attention, and overlapping tiles are blended; the result 
   (`block_out_channels[-1]` channels at 1/`downsampling_factor` of the resolution), with the model's own modules.
 * Stage outputs are kept as horizontal bands; a band an input is no longer needed for is freed as soon as the
   tiles below it are done, and a ResNet block's residual sum is written in place over its input.
+* As in the untiled fast path (`blocks.py`), work tiles are channels_last on CPU (oneDNN's faster layout) and the
+  decoder's nearest-2x + 3x3 convolutions run as sub-pixel convolutions (`blocks.subpixel_weight`), so tiling
+  does the same convolution work as the untiled path; the extra cost is one statistics pass per GroupNorm and
+  the copies of tile borders.
 
 Tiles are `tile_sample_size` pixels (at the image resolution; the image is split into equal tiles aligned to the
 downsampling factor, so a stride-2 layer never straddles a tile origin). At coarse stages, where a tile holds
