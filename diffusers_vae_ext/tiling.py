@@ -53,6 +53,7 @@ gradients (grad mode on and the input or a parameter requires grad) raises a `Ru
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -210,6 +211,25 @@ def _check_inference(vae: nn.Module, inputs: torch.Tensor) -> None:
         )
 
 
+# Tile borders and halo rows are small: run them on one thread. Waking a second intra-op thread for a few
+# thousand elements costs more than the work, and on a loaded CPU it stalls until the thread is scheduled
+# (measured: ~7 ms per border fill on this project's shared 2-core machine, 0.01 ms on one thread).
+SMALL_OP_ELEMENTS = 1 << 18
+
+
+@contextmanager
+def _one_thread(device: torch.device):
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _memory_format(device: torch.device) -> torch.memory_format:
     # As in blocks.py: oneDNN's convolutions are faster on channels_last (NHWC) activations on CPU.
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
@@ -311,15 +331,17 @@ class _Store:
         a, b, c, d = max(r0, 0), min(r1, height), max(c0, 0), min(c1, width)
         shape = (self.shape[0], self.shape[1], r1 - r0, c1 - c0)
         out = torch.empty(shape, device=device, dtype=self.dtype, memory_format=_memory_format(device))
-        for edge in (out[:, :, : a - r0], out[:, :, b - r0 :], out[:, :, :, : c - c0], out[:, :, :, d - c0 :]):
-            edge.zero_()
+        with _one_thread(device):
+            for edge in (out[:, :, : a - r0], out[:, :, b - r0 :], out[:, :, :, : c - c0], out[:, :, :, d - c0 :]):
+                edge.zero_()
         for piece, row in self.pieces(a, b):
             target = out[:, :, row - r0 : row - r0 + piece.shape[2], c - c0 : d - c0]
             piece = piece[:, :, :, c:d].to(device)
-            if norm is None:
-                target.copy_(piece)
-            else:
-                norm.normalize_into(piece, target)
+            with _one_thread(device) if piece.numel() < SMALL_OP_ELEMENTS else nullcontext():
+                if norm is None:
+                    target.copy_(piece)
+                else:
+                    norm.normalize_into(piece, target)
         if norm is not None:
             norm.activate_(out[:, :, a - r0 : b - r0, c - c0 : d - c0])
         return out

@@ -162,3 +162,19 @@ def test_diffusers_per_tile_tiler_differs_so_the_comparison_means_something(phot
         assert max_diff(twin.decode(z).sample, decoded) > 100 * TOL
         vae.enable_tiling(tile_sample_size=TILE)
         assert max_diff(vae.decode(z).sample, decoded) <= TOL
+
+
+def test_one_side_larger_than_the_tile_and_channels_last_input():
+    """Only the width exceeds the tile (one row of tiles); the input arrives channels_last, as from a pipeline
+    that converted it: the tiler must not depend on the caller's memory layout."""
+    vae = make_vae()
+    images = photos(24, 72, names=("coffee", "chelsea"))
+    with torch.no_grad():
+        moments = vae.encode(images).latent_dist.parameters
+        z = moments[:, :4]
+        decoded = vae.decode(z).sample
+        vae.enable_tiling(tile_sample_size=TILE)
+        tiled_moments = vae.encode(images.contiguous(memory_format=torch.channels_last)).latent_dist.parameters
+        tiled_decoded = vae.decode(z.contiguous(memory_format=torch.channels_last)).sample
+    assert tiled_decoded.shape == (2, 3, 24, 72)
+    assert max_diff(tiled_moments, moments) <= TOL and max_diff(tiled_decoded, decoded) <= TOL
