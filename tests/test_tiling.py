@@ -13,6 +13,15 @@ TOL = 1e-4
 TILE = 32  # the small config's factor is 4: 32-pixel tiles are 8 latent pixels
 
 
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """The test models are tiny: one thread avoids OpenMP wake-up waits that dominate on a busy shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def photos(height: int, width: int, names=("astronaut", "chelsea", "coffee")) -> torch.Tensor:
     """Real photographs (scikit-image) resized and centre-cropped to height x width, in [-1, 1]."""
     images = sample_photos()
