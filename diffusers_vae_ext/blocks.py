@@ -207,13 +207,15 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
 
     Output channel block `2 * a + b` holds phase (a, b): the output pixels (2i + a, 2j + b). The result is laid
     out channels_last, which oneDNN's NHWC convolution takes as is. Folded in float32 so half-precision weights are
-    rounded once, after the sums.
+    rounded once, after the sums (float64 weights are folded in float64).
     """
     out_channels, in_channels = weight.shape[:2]
-    fold = torch.tensor(_SUBPIXEL_FOLD, dtype=torch.float32, device=weight.device)
+    # float64 weights stay float64 (folding them in float32 would round them).
+    fold_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    fold = torch.tensor(_SUBPIXEL_FOLD, dtype=fold_dtype, device=weight.device)
     # (16, 9): row (a, b, p, q) of the 2x2 phase kernels, column (k, l) of the 3x3 kernel.
     fold_matrix = torch.einsum("apk,bql->abpqkl", fold, fold).reshape(16, 9)
-    folded = fold_matrix @ weight.float().reshape(out_channels, in_channels, 9).transpose(1, 2)  # (O, abpq, I)
+    folded = fold_matrix @ weight.to(fold_dtype).reshape(out_channels, in_channels, 9).transpose(1, 2)  # (O, abpq, I)
     folded = folded.view(out_channels, 2, 2, 2, 2, in_channels).permute(1, 2, 0, 3, 4, 5)
     return folded.reshape(4 * out_channels, 2, 2, in_channels).permute(0, 3, 1, 2).to(weight.dtype)
 

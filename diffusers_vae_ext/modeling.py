@@ -25,11 +25,12 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
 
 from .blocks import run_decoder, run_encoder
+from .tiling import TiledAutoencoderMixin, tiled_decode, tiled_encode
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
+class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, AutoencoderMixin, ConfigMixin):
     r"""A variational autoencoder with a KL-regularised diagonal Gaussian latent space (the Stable Diffusion VAE).
 
     A drop-in for `diffusers.AutoencoderKL`: the config keys, their defaults and the state-dict keys are the same,
@@ -83,7 +84,8 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
             self-attention layer.
 
     Runtime switches (`enable_slicing()`, `enable_tiling()`, gradient checkpointing) are attributes, not config,
-    so a saved folder stays a plain AutoencoderKL folder.
+    so a saved folder stays a plain AutoencoderKL folder. `enable_tiling()` is exact: the tiled result equals the
+    untiled one up to float rounding (see `diffusers_vae_ext.tiling`).
     """
 
     _supports_gradient_checkpointing = True
@@ -204,6 +206,8 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
 
     # ----------------------------------------------------------------------------------------------- encode
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and self._tiles_needed(x.shape[-2], x.shape[-1]):
+            return tiled_encode(self, x)
         moments = run_encoder(self.encoder, x) if self.use_fast_path else self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -228,6 +232,9 @@ class AutoencoderKL(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
 
     # ----------------------------------------------------------------------------------------------- decode
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        factor = self.downsampling_factor
+        if self.use_tiling and self._tiles_needed(z.shape[-2] * factor, z.shape[-1] * factor):
+            return tiled_decode(self, z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return run_decoder(self.decoder, z) if self.use_fast_path else self.decoder(z)
