@@ -220,6 +220,8 @@ class TrainingImageDataset(torch.utils.data.Dataset):
     Args:
         images: image files, or PIL images (the built-in sample photos).
         resolution: side of the square crops.
+        resize_to: the short side is resized to this before cropping (default `resolution`: the crop is most of
+            the image, as in diffusers' examples); larger values train on patches at a finer scale.
         channels: the model's `in_channels` (1 = luminance, 3 = RGB).
         random_crop: random crops for training, centre crops for validation.
         random_flip: horizontal flips with probability 1/2.
@@ -240,11 +242,13 @@ class TrainingImageDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         seed: int = 0,
         min_length: int = 1,
+        resize_to: int | None = None,
     ):
         if not images:
             raise ValueError("TrainingImageDataset got no images.")
         self.images = list(images)
         self.resolution = resolution
+        self.resize_to = max(resize_to or resolution, resolution)
         self.channels = channels
         self.random_crop = random_crop
         self.random_flip = random_flip
@@ -272,8 +276,8 @@ class TrainingImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = self._load(index % len(self.images))
         rng = _augmentation_rng(self.seed, self.epoch, index)
-        scale = self.resolution / min(image.size)
-        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
+        scale = self.resize_to / min(image.size)
+        size = (max(self.resize_to, round(image.width * scale)), max(self.resize_to, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC)
         if self.random_crop:
             left = int(rng.integers(0, image.width - self.resolution + 1))

@@ -90,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--resolution", type=int, default=None, help="square training crops (default: the config's sample_size)"
     )
+    data.add_argument(
+        "--resize_to",
+        type=int,
+        default=None,
+        help="resize the short side to this before cropping (default: --resolution; 256 for the built-in photos, "
+        "so they give many distinct patches)",
+    )
     data.add_argument("--random_flip", action="store_true")
     data.add_argument("--num_validation_images", type=int, default=4, help="held out of the training data")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -163,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.learning_rate = 5e-4 if from_scratch else 1e-5
     if args.recompute_scaling_factor is None:
         args.recompute_scaling_factor = from_scratch
+    if args.resize_to is None and not (args.train_data_dir or args.dataset_name):
+        args.resize_to = 256
     if args.train_decoder_only and from_scratch:
         parser.error("--train_decoder_only needs a trained encoder: give --pretrained_model_name_or_path")
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
@@ -272,9 +281,15 @@ def training_images(args: argparse.Namespace) -> tuple[list, list, str]:
     return train, validation, f"{source} ({len(validation)} held out for validation)"
 
 
-def validation_batch(images: list, resolution: int, channels: int) -> torch.Tensor:
-    dataset = TrainingImageDataset(images, resolution, channels, random_crop=False)
-    return torch.stack([dataset[index]["pixel_values"] for index in range(len(images))])
+def validation_batch(
+    images: list, resolution: int, channels: int, count: int, resize_to: int | None = None
+) -> torch.Tensor:
+    """`count` fixed crops of the held-out images (several per image when there are fewer images than `count`)."""
+    count = max(count, len(images))
+    dataset = TrainingImageDataset(
+        images, resolution, channels, random_crop=True, seed=2**31 - 1, min_length=count, resize_to=resize_to
+    )
+    return torch.stack([dataset[index]["pixel_values"] for index in range(count)])
 
 
 # ================================================================================================ validation
@@ -310,11 +325,14 @@ def validate(vae: AutoencoderKL, pixels: torch.Tensor, step: int, args: argparse
 def image_grid(rows: list[torch.Tensor], pad: int = 2) -> Image.Image:
     """Rows of (N, C, H, W) tensors in [-1, 1] -> one PIL image (originals over reconstructions)."""
     count, _, height, width = rows[0].shape
+    zoom = max(1, 128 // max(height, width))  # small crops are enlarged (nearest) so the PNG is readable
+    height, width = height * zoom, width * zoom
     grid = Image.new("RGB", (count * (width + pad) + pad, len(rows) * (height + pad) + pad), (255, 255, 255))
     for row_index, row in enumerate(rows):
         for column, tensor in enumerate(row):
             grid.paste(
-                tensor_to_pil(tensor).convert("RGB"), (pad + column * (width + pad), pad + row_index * (height + pad))
+                tensor_to_pil(tensor).convert("RGB").resize((width, height), Image.Resampling.NEAREST),
+                (pad + column * (width + pad), pad + row_index * (height + pad)),
             )
     return grid
 
@@ -520,6 +538,7 @@ def train(args: argparse.Namespace) -> Path:
         random_flip=args.random_flip,
         seed=args.seed,
         min_length=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        resize_to=args.resize_to,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -563,7 +582,9 @@ def train(args: argparse.Namespace) -> Path:
     unwrapped_vae: AutoencoderKL = accelerator.unwrap_model(training_forward).vae
     unwrapped_disc = accelerator.unwrap_model(discriminator) if discriminator is not None else None
     last_layer = unwrapped_vae.decoder.conv_out.weight
-    validation_pixels = validation_batch(validation_images, resolution, channels)
+    validation_pixels = validation_batch(
+        validation_images, resolution, channels, args.num_validation_images, args.resize_to
+    )
     num_pixels = channels * resolution * resolution
     d_loss_fn = losses.hinge_d_loss if args.disc_loss == "hinge" else losses.vanilla_d_loss
 
@@ -788,7 +809,7 @@ def _recompute_scaling_factor(vae, images, resolution, channels, args, output_di
     from .scaling import estimate_latent_statistics, scaling_convention, write_latent_statistics
 
     vae.eval()
-    dataset = TrainingImageDataset(images, resolution, channels, random_crop=False)
+    dataset = TrainingImageDataset(images, resolution, channels, random_crop=False, resize_to=args.resize_to)
     pixels = [dataset[index]["pixel_values"] for index in range(len(dataset))]
     batches = (
         torch.stack(pixels[i : i + args.train_batch_size]) for i in range(0, len(pixels), args.train_batch_size)
