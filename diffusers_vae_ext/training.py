@@ -484,6 +484,16 @@ def train(args: argparse.Namespace) -> Path:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
     set_seed(args.seed)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if accelerator.device.type == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() < cores:
+        # `accelerate launch --cpu` sets OMP_NUM_THREADS=1 for a single process, halving speed on 2 cores.
+        logger.warning(
+            "Training on %d of %d CPU threads; pass --num_cpu_threads_per_process %d to accelerate launch "
+            "(or run the script with python) to use them all.",
+            torch.get_num_threads(),
+            cores,
+            cores,
+        )
 
     # ---- data (fails before any model work on a missing or empty folder)
     train_images, validation_images, source = training_images(args)
@@ -635,7 +645,7 @@ def train(args: argparse.Namespace) -> Path:
     )
     nonfinite_in_a_row = 0
     micro_step = 0
-    started = time.perf_counter()
+    started = step_started = time.perf_counter()
     with _StopRequested() as stop:
         for epoch in range(first_epoch, num_epochs):
             dataloader.set_epoch(epoch)
@@ -734,7 +744,10 @@ def train(args: argparse.Namespace) -> Path:
                 progress.update(1)
                 if ema is not None and finite:
                     ema.step(unwrapped_vae.parameters())
+                now = time.perf_counter()
                 logs.update(step=global_step, loss=loss.item(), lr=lr_scheduler.get_last_lr()[0], finite=finite)
+                logs["seconds"] = round(now - step_started, 4)
+                step_started = now
                 progress.set_postfix(rec=f"{logs['rec_per_pixel']:.4f}", kl=f"{logs['kl']:.1f}")
                 accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=global_step)
                 if accelerator.is_main_process:

@@ -302,3 +302,31 @@ def test_two_process_accelerate_launch_runs_end_to_end(tmp_path, tiny_config, ph
     assert [row["step"] for row in read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4]
     assert (out / "checkpoint-4" / "model_1.safetensors").is_file()  # the discriminator
     AutoencoderKL.from_pretrained(out)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_config, photo_dir):
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    argv = [sys.executable, str(REPO / "scripts" / "finetune_vae.py"), "--model_config", str(tiny_config),
+            "--train_data_dir", str(photo_dir), "--output_dir", str(out), "--resolution", "32",
+            "--train_batch_size", "4", "--max_train_steps", "100000", "--checkpointing_steps", "100000",
+            "--report_to", "none", "--no_progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(read_jsonl(log)) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-2000:]
+    steps = [row["step"] for row in read_jsonl(log)]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == [f"checkpoint-{steps[-1]}"], output[-2000:]
+    assert "Resume with --resume_from_checkpoint latest" in output
+
+    resumed = run(out, tiny_config, "--max_train_steps", str(steps[-1] + 2), "--resume_from_checkpoint", "latest",
+                  data=photo_dir)  # fmt: skip
+    assert [row["step"] for row in read_jsonl(resumed / "train_log.jsonl")] == list(range(1, steps[-1] + 3))
