@@ -129,6 +129,18 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_lpips(args: argparse.Namespace) -> int:
+    from .losses import DEFAULT_LPIPS_PATH, convert_lpips_weights
+
+    try:
+        written = convert_lpips_weights(args.vgg, args.lin, args.output or DEFAULT_LPIPS_PATH)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"LPIPS weights written to {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-vae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--shard_size", type=int, default=512, help="about this many samples per shard")
     cache.add_argument("--overwrite", action="store_true", help="delete an existing cache in --output_dir first")
     cache.set_defaults(func=_cmd_cache)
+
+    convert_lpips = commands.add_parser(
+        "convert-lpips",
+        help="combine torchvision's VGG16 and lpips' vgg.pth into the one safetensors file the trainer's LPIPS loads",
+    )
+    convert_lpips.add_argument("--vgg", required=True, help="torchvision's vgg16-397923af.pth")
+    convert_lpips.add_argument("--lin", required=True, help="the lpips package's weights/v0.1/vgg.pth")
+    convert_lpips.add_argument(
+        "--output",
+        default=None,
+        help="default: ~/.cache/diffusers_vae_ext/lpips_vgg.safetensors (found automatically)",
+    )
+    convert_lpips.set_defaults(func=_cmd_convert_lpips)
     return parser
 
 

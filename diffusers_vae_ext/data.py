@@ -203,3 +203,110 @@ def write_sample_photos(folder: str | os.PathLike, num_faces: int = 0) -> list[P
         image.save(path)
         paths.append(path)
     return paths
+
+
+# ============================================================================================ training images
+
+
+def _augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    # Crops and flips are a pure function of (seed, epoch, index): a resumed run sees exactly the same pixels
+    # without restoring any RNG state, whatever the number of DataLoader workers.
+    return np.random.default_rng([seed, epoch, index])
+
+
+class TrainingImageDataset(torch.utils.data.Dataset):
+    """Training images: resize the short side to `resolution`, crop a square, optionally flip; [-1, 1] tensors.
+
+    Args:
+        images: image files, or PIL images (the built-in sample photos).
+        resolution: side of the square crops.
+        resize_to: the short side is resized to this before cropping (default `resolution`: the crop is most of
+            the image, as in diffusers' examples); larger values train on patches at a finer scale.
+        channels: the model's `in_channels` (1 = luminance, 3 = RGB).
+        random_crop: random crops for training, centre crops for validation.
+        random_flip: horizontal flips with probability 1/2.
+        seed: seed of the augmentations; with `set_epoch` they differ per epoch and are reproducible.
+        min_length: repeat the images until an epoch holds at least this many samples (tiny datasets still fill
+            a batch on every process); repeats get their own crops.
+
+    An unreadable file is reported with a warning and replaced by the next readable image, so one bad file does
+    not stop a long run; `list_image_files` has already refused folders with no images at all.
+    """
+
+    def __init__(
+        self,
+        images: list[Path] | list[Image.Image],
+        resolution: int,
+        channels: int = 3,
+        random_crop: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
+        min_length: int = 1,
+        resize_to: int | None = None,
+    ):
+        if not images:
+            raise ValueError("TrainingImageDataset got no images.")
+        self.images = list(images)
+        self.resolution = resolution
+        self.resize_to = max(resize_to or resolution, resolution)
+        self.channels = channels
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.repeats = max(1, -(-min_length // len(self.images)))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images) * self.repeats
+
+    def _load(self, index: int) -> Image.Image:
+        for offset in range(len(self.images)):
+            item = self.images[(index + offset) % len(self.images)]
+            if isinstance(item, Image.Image):
+                return item
+            try:
+                return load_image_rgb(item)
+            except UnreadableImageError as err:
+                warnings.warn(f"Skipping unreadable training image {err}", stacklevel=2)
+        raise ValueError("None of the training images could be read; see the warnings above.")
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = self._load(index % len(self.images))
+        rng = _augmentation_rng(self.seed, self.epoch, index)
+        scale = self.resize_to / min(image.size)
+        size = (max(self.resize_to, round(image.width * scale)), max(self.resize_to, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        if self.random_crop:
+            left = int(rng.integers(0, image.width - self.resolution + 1))
+            top = int(rng.integers(0, image.height - self.resolution + 1))
+        else:
+            left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {"pixel_values": to_model_channels(pil_to_tensor(image), self.channels)}
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A random permutation per epoch, seeded by (seed, epoch): `set_epoch` makes a resumed run replay the order.
+
+    accelerate's prepared DataLoader forwards `set_epoch` to it and shards its batches across processes.
+    """
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())

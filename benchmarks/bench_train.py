@@ -1,0 +1,108 @@
+"""Seconds per training step and peak memory of `scripts/finetune_vae.py`, and the loop's overhead over a bare step.
+
+Each variant runs the real training script in a subprocess on the built-in photos (so the peak RSS is the
+process's own) and reports the median of the logged per-step times after warm-up. The "bare step" row times
+the minimal fine-tuning step (encode, sample, decode, L1 + KL, backward, AdamW) with diffusers' own
+AutoencoderKL on the same config and batch, in this process: the ratio ours / bare is what the loop's extras
+(logging, non-finite checks, EMA, accelerate) cost.
+
+    python benchmarks/bench_train.py                # small_rgb, 64x64, batch 8
+    python benchmarks/bench_train.py --steps 40 --resolution 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = {
+    "plain (L1 + KL)": [],
+    "+ EMA": ["--use_ema"],
+    "+ discriminator from step 0": ["--disc_start", "0"],
+    "+ gradient checkpointing": ["--gradient_checkpointing"],
+    "bf16 autocast": ["--mixed_precision", "bf16"],
+}
+
+
+def run_variant(extra: list[str], steps: int, resolution: int, batch: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        argv = [
+            sys.executable, str(REPO / "scripts" / "finetune_vae.py"), "--output_dir", out,
+            "--max_train_steps", str(steps), "--resolution", str(resolution), "--train_batch_size", str(batch),
+            "--validation_steps", str(10**9), "--checkpointing_steps", str(10**9), "--report_to", "none",
+            "--no_progress", "--no-recompute_scaling_factor", *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+        # Run the script in a wrapper that reports the process's own peak RSS when it is done.
+        code = (
+            "import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        )
+        result = subprocess.run([sys.executable, "-c", code, *argv[1:]], env=env, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
+        rows = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines() if line]
+        peak = next(int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("PEAK_RSS_KB"))
+    times = [row["seconds"] for row in rows[max(1, len(rows) // 4) :]]  # skip warm-up steps
+    return {"seconds": statistics.median(times), "peak_mib": peak / 1024}
+
+
+def bare_step_seconds(steps: int, resolution: int, batch: int, threads: int) -> float:
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    from diffusers_vae_ext.training import load_model_config
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = {k: v for k, v in load_model_config("small_rgb").items() if not k.startswith("_")}
+    vae = DiffusersAutoencoderKL(**config).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    pixels = torch.rand(batch, 3, resolution, resolution) * 2 - 1
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = (pixels - reconstruction).abs().flatten(1).sum(1).mean() + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[max(1, steps // 4) :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+
+    bare = bare_step_seconds(args.steps, args.resolution, args.batch, args.threads)
+    print(
+        f"small_rgb config (2.7M parameters), {args.resolution}x{args.resolution}, batch {args.batch}, "
+        f"{args.threads} threads, median of steps {args.steps // 4 + 1}-{args.steps}"
+    )
+    print(f"{'variant':32s} {'s/step':>8s} {'x bare':>7s} {'peak RSS MiB':>13s}")
+    print(f"{'bare step (diffusers VAE)':32s} {bare:8.3f} {1.0:7.2f} {'-':>13s}")
+    for name, extra in VARIANTS.items():
+        result = run_variant(extra, args.steps, args.resolution, args.batch, args.threads)
+        print(f"{name:32s} {result['seconds']:8.3f} {result['seconds'] / bare:7.2f} {result['peak_mib']:13.0f}")
+
+
+if __name__ == "__main__":
+    main()
