@@ -144,6 +144,11 @@ def _cmd_convert_lpips(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-vae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "train",
+        help="fine-tune a VAE or train one from scratch (= scripts/finetune_vae.py; see `diffusers-vae train --help`)",
+        add_help=False,
+    )
 
     info = commands.add_parser("info", help="print a VAE folder's config and a fingerprint of its weights")
     info.add_argument("path", help="VAE folder (or a pipeline folder with --subfolder vae)")
@@ -253,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # The trainer owns its (long, diffusers-style) argument list; `diffusers-vae train --help` shows it.
+        from .training import main as train_main
+
+        train_main(argv[1:], prog="diffusers-vae train")
+        return 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

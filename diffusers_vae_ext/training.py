@@ -60,9 +60,9 @@ BUILTIN_VALIDATION_PHOTOS = ("coffee",)
 # ====================================================================================================== args
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Fine-tune a diffusers AutoencoderKL, or train one from scratch. See docs/training.md."
+        prog=prog, description="Fine-tune a diffusers AutoencoderKL, or train one from scratch. See docs/training.md."
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -836,8 +836,8 @@ def _recompute_scaling_factor(vae, images, resolution, channels, args, output_di
     print(f"Latent statistics of {len(pixels)} training images written to the config ({convention}): {summary}")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    return train(parse_args(argv))
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
+    return train(parse_args(argv, prog=prog))
 
 
 __all__ = [

@@ -330,3 +330,15 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_config, ph
     resumed = run(out, tiny_config, "--max_train_steps", str(steps[-1] + 2), "--resume_from_checkpoint", "latest",
                   data=photo_dir)  # fmt: skip
     assert [row["step"] for row in read_jsonl(resumed / "train_log.jsonl")] == list(range(1, steps[-1] + 3))
+
+
+def test_cli_train_subcommand_runs_the_trainer(tmp_path, tiny_config, photo_dir):
+    from diffusers_vae_ext.cli import main as cli_main
+
+    out = tmp_path / "cli"
+    argv = ["train", "--model_config", str(tiny_config), "--train_data_dir", str(photo_dir), "--output_dir", str(out),
+            "--resolution", "32", "--train_batch_size", "4", "--max_train_steps", "2", "--report_to", "none",
+            "--no_progress"]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert [row["step"] for row in read_jsonl(out / "train_log.jsonl")] == [1, 2]
+    AutoencoderKL.from_pretrained(out)
