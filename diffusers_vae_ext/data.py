@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +236,7 @@ class TrainingImageDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        images: list[Path] | list[Image.Image],
+        images: Sequence[Path] | Sequence[Image.Image],
         resolution: int,
         channels: int = 3,
         random_crop: bool = True,
@@ -246,7 +247,8 @@ class TrainingImageDataset(torch.utils.data.Dataset):
     ):
         if not images:
             raise ValueError("TrainingImageDataset got no images.")
-        self.images = list(images)
+        # Any sequence works; a lazy one (e.g. rows of a `datasets` dataset) is read item by item.
+        self.images = images if isinstance(images, Sequence) else list(images)
         self.resolution = resolution
         self.resize_to = max(resize_to or resolution, resolution)
         self.channels = channels

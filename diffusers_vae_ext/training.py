@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from .data import (
     list_image_files,
     sample_photos,
     tensor_to_pil,
+    to_rgb,
 )
 from .metrics import psnr, ssim
 from .modeling import AutoencoderKL
@@ -234,16 +236,37 @@ class VAETrainingForward(nn.Module):
 # ====================================================================================================== data
 
 
-def _load_dataset_images(args: argparse.Namespace) -> list[Image.Image]:
+class DatasetImages(Sequence):
+    """A `datasets` image column as a lazy sequence of RGB PIL images, optionally restricted to `rows`.
+
+    Rows are decoded when a DataLoader worker asks for them, so a large dataset is never held in memory.
+    """
+
+    def __init__(self, dataset: Any, column: str, rows: Sequence[int] | None = None):
+        self.dataset, self.column = dataset, column
+        self.rows = list(range(len(dataset))) if rows is None else list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return to_rgb(self.dataset[self.rows[index]][self.column])
+
+    def subset(self, positions: Sequence[int]) -> DatasetImages:
+        return DatasetImages(self.dataset, self.column, [self.rows[p] for p in positions])
+
+
+def _load_dataset_images(args: argparse.Namespace) -> DatasetImages:
     try:
         import datasets
     except ImportError as err:
         raise ImportError(
             "--dataset_name needs the datasets package: pip install 'diffusers-vae-ext[datasets]'"
         ) from err
-    if Path(args.dataset_name).is_dir() and (Path(args.dataset_name) / "dataset_info.json").exists():
+    path = Path(args.dataset_name)
+    if path.is_dir() and (path / "dataset_info.json").exists():
         dataset = datasets.load_from_disk(args.dataset_name)
-    elif Path(args.dataset_name).is_dir() and any(Path(args.dataset_name).glob("*/dataset_info.json")):
+    elif path.is_dir() and any(path.glob("*/dataset_info.json")):
         dataset = datasets.load_from_disk(args.dataset_name)[args.dataset_split]
     else:
         dataset = datasets.load_dataset(args.dataset_name, split=args.dataset_split)
@@ -251,15 +274,13 @@ def _load_dataset_images(args: argparse.Namespace) -> list[Image.Image]:
         raise ValueError(
             f"--image_column {args.image_column!r} is not a column of {args.dataset_name}: {dataset.column_names}"
         )
-    from .data import to_rgb
-
-    return [to_rgb(image) for image in dataset[args.image_column]]
+    return DatasetImages(dataset, args.image_column)
 
 
 def training_images(args: argparse.Namespace) -> tuple[list, list, str]:
     """(training images, held-out validation images, description); files, or PIL images for built-in data."""
     if args.train_data_dir:
-        images: list = list_image_files(args.train_data_dir)
+        images: Sequence = list_image_files(args.train_data_dir)
         source = f"{len(images)} images from {args.train_data_dir}"
     elif args.dataset_name:
         images = _load_dataset_images(args)
@@ -275,9 +296,11 @@ def training_images(args: argparse.Namespace) -> tuple[list, list, str]:
         return images, images, source
     held_out = max(1, min(args.num_validation_images, len(images) // 5))
     # Hold out an evenly spread, deterministic subset so the same images are validated on every run.
-    picks = set(np.linspace(0, len(images) - 1, held_out).round().astype(int).tolist())
-    train = [image for index, image in enumerate(images) if index not in picks]
-    validation = [images[index] for index in sorted(picks)]
+    picks = sorted(set(np.linspace(0, len(images) - 1, held_out).round().astype(int).tolist()))
+    rest = sorted(set(range(len(images))) - set(picks))
+    if isinstance(images, DatasetImages):
+        return images.subset(rest), images.subset(picks), f"{source} ({len(picks)} held out for validation)"
+    train, validation = [images[index] for index in rest], [images[index] for index in picks]
     return train, validation, f"{source} ({len(validation)} held out for validation)"
 
 

@@ -342,3 +342,22 @@ def test_cli_train_subcommand_runs_the_trainer(tmp_path, tiny_config, photo_dir)
     assert cli_main(argv) == 0
     assert [row["step"] for row in read_jsonl(out / "train_log.jsonl")] == [1, 2]
     AutoencoderKL.from_pretrained(out)
+
+
+def test_datasets_dataset_trains_lazily(tmp_path, tiny_config):
+    datasets = pytest.importorskip("datasets")
+    from diffusers_vae_ext.data import sample_photos
+
+    photos = list(sample_photos().values())
+    features = datasets.Features({"picture": datasets.Image()})
+    datasets.Dataset.from_dict({"picture": photos}, features=features).save_to_disk(str(tmp_path / "ds"))
+    args = training.parse_args(["--dataset_name", str(tmp_path / "ds"), "--image_column", "picture"])
+    train, validation, _ = training.training_images(args)
+    assert isinstance(train, training.DatasetImages) and (len(train), len(validation)) == (5, 1)
+    assert train[0].mode == "RGB" and train[0].size == photos[1].size  # row 0 is held out
+
+    out = run(tmp_path / "run", tiny_config, "--dataset_name", str(tmp_path / "ds"), "--image_column", "picture",
+              "--max_train_steps", "2", "--dataloader_num_workers", "1")  # fmt: skip
+    assert [row["step"] for row in read_jsonl(out / "train_log.jsonl")] == [1, 2]
+    with pytest.raises(ValueError, match="not a column"):
+        run(tmp_path / "bad", tiny_config, "--dataset_name", str(tmp_path / "ds"), "--max_train_steps", "1")
