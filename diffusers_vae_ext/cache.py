@@ -745,12 +745,16 @@ def precompute_latents(
     if num_workers > 0:
         loader_kwargs["prefetch_factor"] = 4
     mine = list(range(state.process_index, len(source), state.num_processes))
-    scan_loader = DataLoader(_ScanDataset(source, mine, settings), batch_size=16, **loader_kwargs)
+    scan = _ScanDataset(source, mine, settings)
     local_records = []
-    with tqdm(total=len(mine), desc="scanning", unit="img", disable=not (progress and main)) as bar:
-        for chunk in scan_loader:
-            local_records.extend(chunk)
-            bar.update(len(chunk))
+    # Threads, not worker processes: reading and hashing release the GIL, and threads start instantly.
+    with (
+        ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool,
+        tqdm(total=len(mine), desc="scanning", unit="img", disable=not (progress and main)) as bar,
+    ):
+        for record in pool.map(scan.__getitem__, range(len(scan))):
+            local_records.append(record)
+            bar.update(1)
     records = sorted(gather_object(local_records), key=lambda r: r["index"])
     expected = _expected_samples(records, flip)
 
