@@ -44,8 +44,10 @@ from tqdm.auto import tqdm
 from .buckets import BucketBatchSampler, closest_bucket, make_buckets, upscale_needed
 from .data import (
     UnreadableImageError,
+    import_datasets,
     list_image_files,
     load_image_rgb,
+    open_dataset,
     pil_to_tensor,
     read_captions,
     resize_and_crop,
@@ -153,21 +155,11 @@ class _FolderSource:
         return {"type": "image_folder", "path": str(self.root.resolve()), "num_files": len(self)}
 
 
-def _import_datasets() -> Any:
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError(
-            "Caching a datasets dataset needs `datasets`: pip install 'diffusers-vae-ext[datasets]'"
-        ) from err
-    return datasets
-
-
 class _DatasetSource:
     """Rows of a `datasets.Dataset`, labelled `row<N>`; images read as raw bytes and decoded by us."""
 
     def __init__(self, dataset: Any, image_column: str | None, caption_column: str | None, name: str | None):
-        datasets = _import_datasets()
+        datasets = import_datasets()
 
         columns = list(dataset.column_names)
         if image_column is None:
@@ -244,16 +236,8 @@ def _open_source(
         return _FolderSource(train_data_dir, caption_column)
     name = None
     if isinstance(dataset, (str, os.PathLike)):
-        datasets = _import_datasets()
         name = str(dataset)
-        if Path(name).exists():
-            dataset = datasets.load_from_disk(name)
-        else:
-            dataset = datasets.load_dataset(name, split=dataset_split)
-        if isinstance(dataset, datasets.DatasetDict):
-            if dataset_split not in dataset:
-                raise ValueError(f"{name} has splits {list(dataset)}, not {dataset_split!r}: pass --dataset_split.")
-            dataset = dataset[dataset_split]
+        dataset = open_dataset(name, dataset_split)
     return _DatasetSource(dataset, image_column, caption_column, name)
 
 

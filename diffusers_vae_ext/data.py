@@ -206,6 +206,33 @@ def write_sample_photos(folder: str | os.PathLike, num_faces: int = 0) -> list[P
     return paths
 
 
+def import_datasets():
+    """The `datasets` module, or an ImportError that says how to install it."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("--dataset_name needs `datasets`: pip install 'diffusers-vae-ext[datasets]'") from err
+    return datasets
+
+
+def open_dataset(name_or_path: str | os.PathLike, split: str = "train"):
+    """A `datasets.Dataset`: a folder written by `save_to_disk` (a Dataset or a DatasetDict), else a hub name.
+
+    For a DatasetDict the `split` is taken, with an error listing the splits when it is missing.
+    """
+    datasets = import_datasets()
+    name = str(name_or_path)
+    if Path(name).exists():
+        dataset = datasets.load_from_disk(name)
+    else:
+        dataset = datasets.load_dataset(name, split=split)
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{name} has splits {list(dataset)}, not {split!r}: pass --dataset_split.")
+        dataset = dataset[split]
+    return dataset
+
+
 # ============================================================================================ training images
 
 

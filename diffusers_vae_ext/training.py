@@ -44,6 +44,7 @@ from .data import (
     EpochShuffleSampler,
     TrainingImageDataset,
     list_image_files,
+    open_dataset,
     sample_photos,
     tensor_to_pil,
     to_rgb,
@@ -257,19 +258,7 @@ class DatasetImages(Sequence):
 
 
 def _load_dataset_images(args: argparse.Namespace) -> DatasetImages:
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError(
-            "--dataset_name needs the datasets package: pip install 'diffusers-vae-ext[datasets]'"
-        ) from err
-    path = Path(args.dataset_name)
-    if path.is_dir() and (path / "dataset_info.json").exists():
-        dataset = datasets.load_from_disk(args.dataset_name)
-    elif path.is_dir() and any(path.glob("*/dataset_info.json")):
-        dataset = datasets.load_from_disk(args.dataset_name)[args.dataset_split]
-    else:
-        dataset = datasets.load_dataset(args.dataset_name, split=args.dataset_split)
+    dataset = open_dataset(args.dataset_name, args.dataset_split)
     if args.image_column not in dataset.column_names:
         raise ValueError(
             f"--image_column {args.image_column!r} is not a column of {args.dataset_name}: {dataset.column_names}"
