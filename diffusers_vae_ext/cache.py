@@ -301,10 +301,6 @@ class _ScanDataset(Dataset):
         return record
 
 
-def _as_list(items: list) -> list:
-    return items
-
-
 # ------------------------------------------------------------------------------------------------- planning
 @dataclass(frozen=True)
 class _Planned:
@@ -725,9 +721,6 @@ def precompute_latents(
     state.wait_for_everyone()
 
     # 2. Scan: each process hashes and probes a strided slice of the sorted inputs; all gather the records.
-    loader_kwargs = {"num_workers": num_workers, "collate_fn": _as_list}
-    if num_workers > 0:
-        loader_kwargs["prefetch_factor"] = 4
     mine = list(range(state.process_index, len(source), state.num_processes))
     scan = _ScanDataset(source, mine, settings)
     local_records = []
@@ -761,6 +754,7 @@ def precompute_latents(
     # 4. One plan for everyone; whole shards go round-robin to the processes.
     shards = _plan(expected, done_before, batch_size, max(1, round(shard_size / batch_size)))
     my_shards = shards[state.process_index :: state.num_processes]
+    loader_kwargs = {"num_workers": num_workers, "prefetch_factor": 4} if num_workers > 0 else {"num_workers": 0}
     _encode_shards(my_shards, source, settings, encoder, provenance, shard_dir, loader_kwargs, progress and main)
     state.wait_for_everyone()
 
@@ -806,7 +800,8 @@ def _encode_shards(
         dataset,
         batch_sampler=batch_positions,
         pin_memory=encoder.device.type == "cuda",
-        **{**loader_kwargs, "collate_fn": _collate},
+        collate_fn=_collate,
+        **loader_kwargs,
     )
     common_metadata = {
         "format": FORMAT_NAME,
