@@ -133,7 +133,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             if not container.streams.video:
                 if container.streams.audio:
                     raise VideoError(path, "no_video_stream", "audio-only file: it has no video stream")
-                raise VideoError(path, "no_video_stream", "no video stream found (truncated or not a video file)")
+                raise VideoError(path, "unreadable", "no streams found (a truncated file, or not a video)")
             stream = container.streams.video[0]
             pts = sorted(packet.pts for packet in container.demux(stream) if packet.pts is not None)
             width, height = stream.codec_context.width, stream.codec_context.height
