@@ -9,14 +9,25 @@ from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .modeling import AutoencoderKL, weights_fingerprint
+    from .autoencoders import load_autoencoder
+    from .modeling import weights_fingerprint
 
-    vae = AutoencoderKL.from_pretrained(args.path, subfolder=args.subfolder or "")
+    try:
+        adapter = load_autoencoder(args.path, subfolder=args.subfolder or None)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    vae = adapter.vae
     config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     num_params = sum(p.numel() for p in vae.parameters())
     print(json.dumps(config, indent=2, default=list))
+    print(f"class: {adapter.class_name}")
     print(f"parameters: {num_params:,}")
-    print(f"downsampling factor: {vae.downsampling_factor}")
+    print(f"downsampling factor: {adapter.spatial_factor}")
+    if adapter.is_video:
+        print(f"temporal factor: {adapter.temporal_factor} (clips of {adapter.frame_multiple}k + 1 frames)")
+    print(f"latent channels: {adapter.latent_channels} ({'posterior' if adapter.has_posterior else 'deterministic'})")
+    print(f"scaling convention: {adapter.convention.convention}")
     print(f"fingerprint: {weights_fingerprint(vae)}")
     return 0
 
@@ -101,30 +112,85 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_inputs(inputs: list[str], image_sequences: bool) -> tuple[list[Path], list[Path]]:
+    """Image files and videos (files, or image-sequence folders with --image_sequence) named or found in folders."""
+    from .data import IMAGE_EXTENSIONS
+    from .video import VIDEO_EXTENSIONS
+
+    images: list[Path] = []
+    videos: list[Path] = []
+    for path in map(Path, inputs):
+        if path.is_dir() and image_sequences:
+            videos.append(path)
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            found_images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            found_videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
+            if not found_images and not found_videos:
+                raise ValueError(
+                    f"No images ({', '.join(IMAGE_EXTENSIONS)}) or videos ({', '.join(VIDEO_EXTENSIONS)}) found "
+                    f"in {str(path)!r}."
+                )
+            images.extend(found_images)
+            videos.extend(found_videos)
+        elif path.suffix.lower() in VIDEO_EXTENSIONS:
+            videos.append(path)
+        else:
+            images.append(path)
+    return images, videos
+
+
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import list_image_files
-    from .modeling import AutoencoderKL
-    from .reconstruct import format_report, reconstruct_images, report_json
-
-    paths = []
-    for path in map(Path, args.images):
-        paths.extend(list_image_files(path) if path.is_dir() else [path])
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.subfolder or "").to(device).eval()
-    results = reconstruct_images(
-        vae,
-        paths,
-        output_dir=args.output_dir,
-        size_policy=args.size_policy,
-        sample_posterior=args.sample_posterior,
-        seed=args.seed,
+    from .autoencoders import load_autoencoder
+    from .reconstruct import (
+        format_report,
+        format_video_report,
+        reconstruct_images,
+        reconstruct_videos,
+        report_json,
     )
-    print(format_report(results, args.size_policy, vae.downsampling_factor))
-    print(report_json(results, args.size_policy))
-    if not any(result.ok for result in results):
-        print("No image could be reconstructed.", file=sys.stderr)
+    from .video import ClipOptions
+
+    try:
+        images, videos = _split_inputs(args.images, args.image_sequence)
+        options = ClipOptions(
+            num_frames=args.num_frames,
+            frame_stride=args.frame_stride,
+            fps=args.fps,
+            max_frames=args.max_frames,
+            clips_per_video=args.clips_per_video,
+            sequence_fps=args.sequence_fps,
+        )
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        adapter = load_autoencoder(args.vae, subfolder=args.subfolder or None)
+        adapter.vae.to(device).eval()
+        if args.tiling:
+            adapter.enable_tiling()
+        common = dict(output_dir=args.output_dir, size_policy=args.size_policy, seed=args.seed)
+        results = reconstruct_images(adapter, images, sample_posterior=args.sample_posterior, **common)
+        video_results = None
+        if videos:
+            video_results = reconstruct_videos(
+                adapter,
+                videos,
+                clip_options=options,
+                resolution=args.resolution,
+                output_format=args.video_format,
+                sample_posterior=args.sample_posterior,
+                **common,
+            )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if images or not videos:
+        print(format_report(results, args.size_policy, adapter.size_multiple))
+    if video_results is not None:
+        print(format_video_report(video_results))
+    print(report_json(results, args.size_policy, video_results))
+    if not any(result.ok for result in [*results, *(video_results or [])]):
+        print(f"No image{' or clip' if videos else ''} could be reconstructed.", file=sys.stderr)
         return 1
     return 0
 
@@ -194,12 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=_cmd_stats)
 
     reconstruct = commands.add_parser(
-        "reconstruct", help="encode+decode images, write input|reconstruction PNGs, print PSNR/SSIM"
+        "reconstruct",
+        help="encode+decode images and videos with any supported autoencoder, write input|reconstruction files, "
+        "print PSNR/SSIM",
+        description="Images give side-by-side PNGs; videos (.mp4 .webm .mov .mkv, or image-sequence folders with "
+        "--image_sequence) give side-by-side mp4 or animated WebP clips with PSNR/SSIM per clip (means over its "
+        "frames). See docs/autoencoders.md.",
     )
-    reconstruct.add_argument("images", nargs="+", help="image files or folders of images")
-    reconstruct.add_argument("--vae", required=True, help="VAE folder or hub repo (safetensors only)")
+    reconstruct.add_argument("images", nargs="+", help="image files, video files, or folders of them")
+    reconstruct.add_argument("--vae", required=True, help="autoencoder folder or hub repo (safetensors only)")
     reconstruct.add_argument("--subfolder", default=None, help='e.g. "vae" for a pipeline folder or repo')
-    reconstruct.add_argument("--output-dir", required=True, help="where the side-by-side PNGs are written")
+    reconstruct.add_argument("--output-dir", required=True, help="where the side-by-side files are written")
     reconstruct.add_argument(
         "--size-policy",
         choices=("pad", "crop"),
@@ -209,8 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument(
         "--sample-posterior", action="store_true", help="decode a posterior draw instead of its mean"
     )
-    reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image)")
+    reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image or clip)")
     reconstruct.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    reconstruct.add_argument("--tiling", action="store_true", help="enable the autoencoder's tiling")
+    video = reconstruct.add_argument_group("videos")
+    video.add_argument("--num_frames", type=int, default=None, help="frames per clip (video VAEs: e.g. 4k+1)")
+    video_rate = video.add_mutually_exclusive_group()
+    video_rate.add_argument("--frame_stride", type=int, default=None, help="take every n-th frame")
+    video_rate.add_argument("--fps", type=float, default=None, help="resample to this frame rate by timestamps")
+    video.add_argument(
+        "--max_frames", type=int, default=33, help="without --num_frames: at most this many frames per clip"
+    )
+    video.add_argument("--clips_per_video", type=int, default=1, help="non-overlapping clips spread over each video")
+    video.add_argument("--resolution", type=int, default=None, help="resize frames to this short side first")
+    video.add_argument("--video_format", choices=("mp4", "webp"), default="mp4", help="side-by-side clip format")
+    video.add_argument("--image_sequence", action="store_true", help="folders given are image sequences")
+    video.add_argument("--sequence_fps", type=float, default=24.0, help="frame rate of image sequences")
     reconstruct.set_defaults(func=_cmd_reconstruct)
     cache = commands.add_parser(
         "cache",

@@ -458,7 +458,10 @@ def read_frames(clip: VideoClip) -> np.ndarray:
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 frames (T, H, W, 3) -> float32 video (3, T, H, W) in [-1, 1] (the layout video VAEs take)."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+    frames = np.ascontiguousarray(frames)
+    if not frames.flags.writeable:  # e.g. np.asarray of a PIL image; torch wants writable memory
+        frames = frames.copy()
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
 def tensor_to_frames(video: torch.Tensor) -> np.ndarray:

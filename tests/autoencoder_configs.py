@@ -142,3 +142,27 @@ def build_tiny(name: str, seed: int = 0) -> torch.nn.Module:
             model.bn.running_mean.copy_(torch.randn(4 * channels, generator=generator) * 0.5)
             model.bn.running_var.copy_(torch.rand(4 * channels, generator=generator) + 0.5)
     return model
+
+
+def own_encode(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The class's own `encode`: posterior moments `cat([mean, logvar])`, or its deterministic latents."""
+    output = model.encode(pixels)
+    if hasattr(output, "latent_dist"):
+        return torch.cat([output.latent_dist.mean, output.latent_dist.logvar], dim=1)
+    return output.latent if hasattr(output, "latent") else output.latents
+
+
+def own_decode(model: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """The class's own `decode` as its pipelines call it (LTX-Video: at timestep 0, noise from a fixed seed)."""
+    if type(model).__name__ == "AutoencoderKLLTXVideo":
+        torch.manual_seed(0)  # its decoder injects noise from the global generator
+        return model.decode(latents, temb=torch.zeros(latents.shape[0])).sample
+    return model.decode(latents).sample
+
+
+@torch.no_grad()
+def own_reconstruction(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Posterior mean (or deterministic latents) decoded, with the class's own methods only."""
+    moments = own_encode(model, pixels)
+    channels = model.config.get("z_dim") or model.config["latent_channels"]
+    return own_decode(model, moments[:, :channels])

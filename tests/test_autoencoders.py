@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from autoencoder_configs import EXPECTED, IMAGE_CLASSES, VIDEO_CLASSES, build_tiny
+from autoencoder_configs import EXPECTED, IMAGE_CLASSES, VIDEO_CLASSES, build_tiny, own_decode, own_encode
 from conftest import photo_batch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -50,20 +50,6 @@ def pixels_for(name: str, batch: int = 2) -> torch.Tensor:
         clips = [pan_zoom_frames(photo, num_frames=9, size=(32, 32)) for photo in ("astronaut", "coffee")[:batch]]
         return torch.stack([frames_to_tensor(clip) for clip in clips])
     return photo_batch(32, ("astronaut", "coffee")[:batch])
-
-
-def own_encode(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    output = model.encode(pixels)
-    if hasattr(output, "latent_dist"):
-        return torch.cat([output.latent_dist.mean, output.latent_dist.logvar], dim=1)
-    return output.latent if hasattr(output, "latent") else output.latents
-
-
-def own_decode(model: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    if type(model).__name__ == "AutoencoderKLLTXVideo":
-        torch.manual_seed(0)  # its decoder injects noise from the global generator
-        return model.decode(latents, temb=torch.zeros(latents.shape[0])).sample
-    return model.decode(latents).sample
 
 
 def test_supported_classes_are_the_ones_under_test():
