@@ -18,8 +18,9 @@ unchanged and answers them uniformly:
 | AutoencoderKLLTXVideo | posterior | 5-D | 32 / 8 | 8k + 1 | `(z - mean_c) * sf / std_c` (weights) |
 | AutoencoderKLCogVideoX | posterior | 5-D | 8 / 4 | 8k + 1 | `z * scaling_factor` |
 
-Qwen-Image is an image model with a 5-D VAE: images are one-frame videos (B, C, 1, H, W). The scaling
-formulas live in `diffusers_vae_ext.scaling` (`pipeline_convention`); `docs/autoencoders.md` has examples.
+Qwen-Image is an image model with a 5-D VAE: images are one-frame videos (B, C, 1, H, W). The scaling formulas
+live in `diffusers_vae_ext.scaling`, the choice per class in `diffusers_vae_ext.conventions`;
+`docs/autoencoders.md` has examples.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .scaling import PipelineConvention, pipeline_convention, scale_latents, unscale_latents
+from .conventions import PipelineConvention, pipeline_convention
+from .scaling import scale_latents, unscale_latents
 
 __all__ = ["SUPPORTED_CLASSES", "AutoencoderAdapter", "as_autoencoder", "load_autoencoder"]
 

@@ -56,6 +56,37 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clip_options(args: argparse.Namespace):
+    from .video import ClipOptions
+
+    return ClipOptions(
+        num_frames=args.num_frames,
+        frame_stride=args.frame_stride,
+        fps=args.fps,
+        max_frames=args.max_frames,
+        clips_per_video=args.clips_per_video,
+        sequence_fps=args.sequence_fps,
+    )
+
+
+def _add_video_options(parser: argparse.ArgumentParser, max_frames: int | None) -> None:
+    """The clip options shared by `stats` and `reconstruct` (see `video.ClipOptions`)."""
+    video = parser.add_argument_group("videos")
+    video.add_argument("--num_frames", type=int, default=None, help="frames per clip (video VAEs: e.g. 4k+1)")
+    rate = video.add_mutually_exclusive_group()
+    rate.add_argument("--frame_stride", type=int, default=None, help="take every n-th frame")
+    rate.add_argument("--fps", type=float, default=None, help="resample to this frame rate by timestamps")
+    video.add_argument(
+        "--max_frames",
+        type=int,
+        default=max_frames,
+        help="without --num_frames: at most this many frames per clip, rounded down to a count the VAE encodes",
+    )
+    video.add_argument("--clips_per_video", type=int, default=1, help="non-overlapping clips spread over each video")
+    video.add_argument("--image_sequence", action="store_true", help="folders of frames are videos")
+    video.add_argument("--sequence_fps", type=float, default=24.0, help="frame rate of image sequences")
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from .stats import run_stats
 
@@ -75,6 +106,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             dataloader_num_workers=args.dataloader_num_workers,
             show_progress=not args.no_progress,
+            clip_options=_clip_options(args),
+            image_sequences=args.image_sequence,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -151,18 +184,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         reconstruct_videos,
         report_json,
     )
-    from .video import ClipOptions
 
     try:
         images, videos = _split_inputs(args.images, args.image_sequence)
-        options = ClipOptions(
-            num_frames=args.num_frames,
-            frame_stride=args.frame_stride,
-            fps=args.fps,
-            max_frames=args.max_frames,
-            clips_per_video=args.clips_per_video,
-            sequence_fps=args.sequence_fps,
-        )
+        options = _clip_options(args)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         adapter = load_autoencoder(args.vae, subfolder=args.subfolder or None)
         adapter.vae.to(device).eval()
@@ -229,13 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser(
         "stats",
-        help="measure scaling_factor, shift_factor and per-channel latents_mean/latents_std from data",
-        description="Latent statistics for a VAE config (see docs/scaling.md). Runs under `accelerate launch`.",
+        help="measure scaling_factor, shift_factor and per-channel latents_mean/latents_std from images or videos",
+        description="Latent statistics for any supported autoencoder, written where its pipelines read them (see "
+        "docs/scaling.md and docs/autoencoders.md). Runs under `accelerate launch`.",
     )
-    stats.add_argument("--vae", required=True, help="VAE folder or hub repo (a pipeline with --subfolder vae)")
+    stats.add_argument("--vae", required=True, help="autoencoder folder or hub repo (a pipeline: --subfolder vae)")
     stats.add_argument("--subfolder", default=None)
     source = stats.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train_data_dir", default=None, help="folder of images (recursive)")
+    source.add_argument(
+        "--train_data_dir", default=None, help="folder of images, or of videos (.mp4 .webm .mov .mkv; recursive)"
+    )
     source.add_argument("--cache_dir", default=None, help="a latent cache written by `diffusers-vae cache`")
     stats.add_argument("--num_images", type=int, default=None, help="a seeded random subset of this many")
     stats.add_argument("--resolution", type=int, default=512, help="centre crop to this square size")
@@ -251,12 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--convention",
         choices=("scale", "shift", "per_channel"),
         default=None,
-        help="which config keys to compute and write (default: the convention the VAE config already uses)",
+        help="which keys to compute and write (default: the convention the class's pipelines / the config use)",
     )
-    stats.add_argument("--write_config", action="store_true", help="update the VAE folder's config.json")
+    stats.add_argument(
+        "--write_config",
+        action="store_true",
+        help="write the numbers into the folder where its pipelines read them (config.json; weights for LTX/FLUX.2)",
+    )
     stats.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     stats.add_argument("--dataloader_num_workers", type=int, default=0)
     stats.add_argument("--no_progress", action="store_true", help="no progress bar")
+    _add_video_options(stats, max_frames=33)
     stats.set_defaults(func=_cmd_stats)
 
     reconstruct = commands.add_parser(
@@ -283,19 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image or clip)")
     reconstruct.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     reconstruct.add_argument("--tiling", action="store_true", help="enable the autoencoder's tiling")
-    video = reconstruct.add_argument_group("videos")
-    video.add_argument("--num_frames", type=int, default=None, help="frames per clip (video VAEs: e.g. 4k+1)")
-    video_rate = video.add_mutually_exclusive_group()
-    video_rate.add_argument("--frame_stride", type=int, default=None, help="take every n-th frame")
-    video_rate.add_argument("--fps", type=float, default=None, help="resample to this frame rate by timestamps")
-    video.add_argument(
-        "--max_frames", type=int, default=33, help="without --num_frames: at most this many frames per clip"
-    )
-    video.add_argument("--clips_per_video", type=int, default=1, help="non-overlapping clips spread over each video")
-    video.add_argument("--resolution", type=int, default=None, help="resize frames to this short side first")
-    video.add_argument("--video_format", choices=("mp4", "webp"), default="mp4", help="side-by-side clip format")
-    video.add_argument("--image_sequence", action="store_true", help="folders given are image sequences")
-    video.add_argument("--sequence_fps", type=float, default=24.0, help="frame rate of image sequences")
+    _add_video_options(reconstruct, max_frames=33)
+    reconstruct.add_argument("--resolution", type=int, default=None, help="resize video frames to this short side")
+    reconstruct.add_argument("--video_format", choices=("mp4", "webp"), default="mp4", help="side-by-side clips")
     reconstruct.set_defaults(func=_cmd_reconstruct)
     cache = commands.add_parser(
         "cache",

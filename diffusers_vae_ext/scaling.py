@@ -23,7 +23,6 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +91,7 @@ def scale_latents(latents: torch.Tensor, config: Any, convention: str | None = N
             `latents_mean`/`latents_std` (and `latents_patch_size` for statistics of patchified latents, FLUX.2).
         convention: `"scale"`, `"shift"` or `"per_channel"`; default: the one `config`'s keys select
             (`scaling_convention`). Autoencoder classes whose pipelines fix the convention pass it explicitly
-            (see `pipeline_convention`).
+            (see `diffusers_vae_ext.conventions.pipeline_convention`).
     """
     convention = convention or scaling_convention(config)
     scaling_factor = _scaling_factor(config)
@@ -125,54 +124,6 @@ def unscale_latents(latents: torch.Tensor, config: Any, convention: str | None =
 
 
 CONVENTIONS = ("scale", "shift", "per_channel")
-
-
-@dataclass(frozen=True)
-class PipelineConvention:
-    """How diffusers' pipelines scale the latents of one autoencoder class (read from `pipelines/<family>/`).
-
-    Attributes:
-        convention: `"scale"`, `"shift"` or `"per_channel"` (the formulas of `scale_latents`).
-        statistics_in: where the per-channel mean/std live: `"config"` (`latents_mean`/`latents_std` keys) or
-            `"weights"` (buffers in the state dict: LTX-Video's `latents_mean`/`latents_std`, FLUX.2's
-            `bn.running_mean`/`bn.running_var`); None when the convention has none.
-        latents_patch_size: the statistics are per channel of p x p patchified latents (FLUX.2: 2).
-        reads_scaling_factor: False where the pipelines ignore `scaling_factor` (Wan, Qwen-Image, FLUX.2).
-    """
-
-    convention: str
-    statistics_in: str | None = None
-    latents_patch_size: int = 1
-    reads_scaling_factor: bool = True
-
-
-def pipeline_convention(class_name: str, config: Any) -> PipelineConvention:
-    """The scaling convention diffusers' pipelines apply to latents of `class_name` with this `config`.
-
-    | class | pipelines compute before `vae.decode` | convention |
-    |---|---|---|
-    | AutoencoderKL | from its config keys (module table) | `scaling_convention(config)` |
-    | AutoencoderKLFlux2 | `patchify(z) * sqrt(bn.running_var + eps) + bn.running_mean`, unpatchify | per_channel, 2x2, weights |
-    | AutoencoderDC, AutoencoderKLHunyuanVideo, AutoencoderKLCogVideoX | `z / scaling_factor` | scale |
-    | AutoencoderTiny | `z / scaling_factor (+ shift_factor in FLUX pipelines)` | shift if shift_factor else scale |
-    | AutoencoderKLWan, AutoencoderKLQwenImage | `z / (1 / latents_std) + latents_mean` | per_channel, config |
-    | AutoencoderKLLTXVideo | `z * latents_std / scaling_factor + latents_mean` (buffers) | per_channel, weights |
-
-    Unknown class names fall back to `scaling_convention(config)`.
-    """
-    if class_name == "AutoencoderKLFlux2":
-        return PipelineConvention("per_channel", "weights", latents_patch_size=2, reads_scaling_factor=False)
-    if class_name in ("AutoencoderDC", "AutoencoderKLHunyuanVideo", "AutoencoderKLCogVideoX"):
-        return PipelineConvention("scale")
-    if class_name == "AutoencoderTiny":
-        # Its config always has shift_factor (default 0.0); SD pipelines ignore it, FLUX pipelines add it.
-        return PipelineConvention("shift" if _get(config, "shift_factor") else "scale")
-    if class_name in ("AutoencoderKLWan", "AutoencoderKLQwenImage"):
-        return PipelineConvention("per_channel", "config", reads_scaling_factor=False)
-    if class_name == "AutoencoderKLLTXVideo":
-        return PipelineConvention("per_channel", "weights")
-    convention = scaling_convention(config)
-    return PipelineConvention(convention, "config" if convention == "per_channel" else None)
 
 
 # ===================================================================================================== statistics
