@@ -208,9 +208,24 @@ class AutoencoderAdapter:
         """
         self.check_pixels(pixels)
         output = self._encode_output(pixels.to(device=self.device, dtype=self.dtype))
-        if not self.has_posterior:
-            return output
-        return torch.cat([output.mean, output.logvar], dim=1)
+        moments = output if not self.has_posterior else torch.cat([output.mean, output.logvar], dim=1)
+        frames = (self.num_latent_frames(pixels.shape[2]),) if self.is_video else ()
+        height, width = pixels.shape[-2] // self.spatial_factor, pixels.shape[-1] // self.spatial_factor
+        channels = self.latent_channels * (2 if self.has_posterior else 1)
+        self._check_output("encode", moments, (pixels.shape[0], channels, *frames, height, width))
+        return moments
+
+    def _check_output(self, what: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+        # Some classes' own tilers return the wrong size for tile sizes other than their defaults (CogVideoX):
+        # an error here is better than latents or frames silently shifted against the input.
+        if tuple(tensor.shape) != tuple(expected):
+            tiling = " with tiling on: disable it or keep the class's default tile sizes" if self._tiling_on() else ""
+            raise RuntimeError(
+                f"{self.class_name}.{what} returned shape {tuple(tensor.shape)}, expected {tuple(expected)}{tiling}."
+            )
+
+    def _tiling_on(self) -> bool:
+        return bool(getattr(self.vae, "use_tiling", False))
 
     def latents_from_moments(
         self, moments: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
@@ -234,7 +249,14 @@ class AutoencoderAdapter:
         Latents are moved to the model's device and dtype.
         """
         self._check_latents(latents)
-        return self.vae.decode(latents.to(device=self.device, dtype=self.dtype)).sample
+        decoded = self.vae.decode(latents.to(device=self.device, dtype=self.dtype)).sample
+        self._check_output("decode", decoded, self._decoded_shape(latents))
+        return decoded
+
+    def _decoded_shape(self, latents: torch.Tensor) -> tuple[int, ...]:
+        frames = ((latents.shape[2] - 1) * self.temporal_factor + 1,) if self.is_video else ()
+        height, width = latents.shape[-2] * self.spatial_factor, latents.shape[-1] * self.spatial_factor
+        return (latents.shape[0], self.out_channels, *frames, height, width)
 
     # ------------------------------------------------------------------------------------------ scaling
     def scaling_config(self) -> dict[str, Any]:
@@ -367,7 +389,9 @@ class _LTXVideoAdapter(AutoencoderAdapter):
         temb = None
         if self.config.get("timestep_conditioning"):
             temb = torch.full((latents.shape[0],), self.decode_timestep, device=self.device, dtype=self.dtype)
-        return self.vae.decode(latents, temb=temb).sample
+        decoded = self.vae.decode(latents, temb=temb).sample
+        self._check_output("decode", decoded, self._decoded_shape(latents))
+        return decoded
 
 
 class _CogVideoXAdapter(AutoencoderAdapter):

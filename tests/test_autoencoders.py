@@ -271,3 +271,16 @@ def test_image_classes_take_any_frame_count(name, loaded):
     adapter = loaded[name]
     assert adapter.valid_num_frames(8) and adapter.num_latent_frames(8) == 8
     assert adapter.largest_valid_num_frames(8) == 8
+
+
+def test_a_tiler_that_returns_the_wrong_size_is_an_error_not_shifted_latents(loaded):
+    # CogVideoX's own tiler, with tiles other than its 720x480 defaults, returns latents and frames of another size.
+    cog = loaded["AutoencoderKLCogVideoX"]
+    cog.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match=r"encode returned shape \(1, 8, 3, 9, 9\), expected"):
+            cog.encode_moments(torch.zeros(1, 3, 9, 64, 64))
+        with torch.no_grad(), pytest.raises(RuntimeError, match="decode returned shape .* with tiling on: disable it"):
+            cog.decode(torch.zeros(1, 4, 3, 6, 6))
+    finally:
+        cog.disable_tiling()
