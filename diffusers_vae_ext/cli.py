@@ -194,7 +194,9 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         if args.tiling:
             adapter.enable_tiling()
         common = dict(output_dir=args.output_dir, size_policy=args.size_policy, seed=args.seed)
-        results = reconstruct_images(adapter, images, sample_posterior=args.sample_posterior, **common)
+        results = (
+            reconstruct_images(adapter, images, sample_posterior=args.sample_posterior, **common) if images else []
+        )
         video_results = None
         if videos:
             video_results = reconstruct_videos(

@@ -74,7 +74,7 @@ def pipeline_convention(class_name: str, config: Any) -> PipelineConvention:
 def allowed_conventions(class_name: str, config: Any) -> tuple[str, ...]:
     """Conventions whose keys some pipeline of `class_name` reads (the first is the default)."""
     default = pipeline_convention(class_name, config).convention
-    if class_name in ("AutoencoderKL", "") or class_name not in _FIXED:
+    if class_name not in _FIXED:  # AutoencoderKL (and unknown classes): whichever keys the config gets
         return (default, *(c for c in CONVENTIONS if c != default))
     if class_name == "AutoencoderTiny":  # SD pipelines read scaling_factor, FLUX pipelines also shift_factor
         return (default, *(c for c in ("scale", "shift") if c != default))

@@ -22,7 +22,12 @@ import torch.utils.data
 
 from .autoencoders import AutoencoderAdapter, load_autoencoder
 from .cache import LatentCacheDataset
-from .conventions import allowed_conventions, pipeline_convention, write_pipeline_statistics
+from .conventions import (
+    allowed_conventions,
+    pipeline_convention,
+    pipeline_statistics_updates,
+    write_pipeline_statistics,
+)
 from .data import (
     UnreadableImageError,
     list_image_files,
@@ -95,6 +100,10 @@ class _VideoShard(torch.utils.data.Dataset):
         except VideoError as err:
             return index, [], f"{err.kind}: {err.reason}"
         return index, pixels, None
+
+
+def _first_item(items: list[Any]) -> Any:
+    return items[0]  # one video per loader item: its clips are batched after decoding
 
 
 def _clip_seed(seed: int, index: int, clip: int) -> int:
@@ -234,7 +243,7 @@ def compute_latent_statistics(
             shard,
             batch_size=1 if videos else batch_size,
             num_workers=dataloader_num_workers,
-            collate_fn=(lambda items: items[0]) if videos else _collate_images,
+            collate_fn=_first_item if videos else _collate_images,
             pin_memory=state.device.type == "cuda",
         )
         stats = LatentStatistics(num_channels=None, sample_posterior=label)
@@ -386,8 +395,6 @@ def run_stats(
         clip_options=clip_options,
         image_sequences=image_sequences,
     )
-    from .conventions import pipeline_statistics_updates
-
     config_updates, weight_updates = pipeline_statistics_updates(class_name, config, stats, convention)
     record = stats.summary()
     record.update(
@@ -399,6 +406,7 @@ def run_stats(
         skipped=len(skipped),
         source=str(train_data_dir if train_data_dir is not None else cache_dir),
         resolution=resolution if train_data_dir is not None else None,
+        unit="clip" if train_data_dir is not None and (image_sequences or _has_videos(train_data_dir)) else "image",
     )
     state = PartialState()
     if state.is_main_process:
@@ -410,7 +418,8 @@ def run_stats(
             )
         for path, reason in skipped:
             print(f"skipped {path}: {reason}")
-        print(format_statistics_table(stats, current, skipped=len(skipped)))
+        unit = "clips" if record["unit"] == "clip" else "images"
+        print(format_statistics_table(stats, current, skipped=len(skipped), unit=unit))
         patch = pipeline_convention(class_name, config).latents_patch_size
         if patch > 1:
             print(
@@ -436,13 +445,13 @@ def _short(value: Any) -> str:
 
 
 def format_statistics_table(
-    stats: LatentStatistics, current: Mapping[str, Any] | None = None, skipped: int = 0
+    stats: LatentStatistics, current: Mapping[str, Any] | None = None, skipped: int = 0, unit: str = "images"
 ) -> str:
-    """A human-readable table of `stats` next to the current config values."""
+    """A human-readable table of `stats` next to the current config values (`unit`: what a row is, e.g. clips)."""
     current = current or {}
     kind = {True: "posterior samples", False: "posterior means", None: "latents"}[stats.sample_posterior]
     lines = [
-        f"Latent statistics of {stats.num_images:,} images ({stats.count:,} latent elements per channel, {kind})"
+        f"Latent statistics of {stats.num_images:,} {unit} ({stats.count:,} latent elements per channel, {kind})"
         + (f", {skipped} skipped" if skipped else "")
     ]
     low, high = stats.scaling_factor_interval(0.95)
@@ -468,7 +477,7 @@ def format_statistics_table(
         config_std = fmt(current_std[c]) if current_std and c < len(current_std) else "-"
         lines.append(f"{c:<16}{mean:>12.6g}{std:>13.6g}{config_mean:>16}{config_std:>14}")
     if stats.num_images < 2 or relative != relative:
-        lines.append("Note: at least 2 images are needed for a standard error; encode more images.")
+        lines.append(f"Note: at least 2 {unit} are needed for a standard error; encode more {unit}.")
     elif relative > 0.01:
-        lines.append(f"Note: the factor is uncertain to {relative:.1%}; encode more images for a tighter estimate.")
+        lines.append(f"Note: the factor is uncertain to {relative:.1%}; encode more {unit} for a tighter estimate.")
     return "\n".join(lines)
