@@ -337,6 +337,13 @@ class _WanAdapter(AutoencoderAdapter):
     class_name = "AutoencoderKLWan"
     is_video = True
 
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__(vae)
+        # Wan 2.2 patchifies pixels 2x2 before its encoder: its config counts the patchified channels (12 for RGB).
+        patch = int(self.config.get("patch_size") or 1)
+        self.in_channels //= patch * patch
+        self.out_channels //= patch * patch
+
     def _latent_channels(self) -> int:
         return int(self.config["z_dim"])
 

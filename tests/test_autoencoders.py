@@ -284,3 +284,22 @@ def test_a_tiler_that_returns_the_wrong_size_is_an_error_not_shifted_latents(loa
             cog.decode(torch.zeros(1, 4, 3, 6, 6))
     finally:
         cog.disable_tiling()
+
+
+def test_wan_2_2_layout_patchified_pixels_and_factor_16(tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    config = dict(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    config.update(is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16)
+    model = AutoencoderKLWan(**config, latents_mean=[0.1] * 4, latents_std=[2.0] * 4).eval()
+    model.save_pretrained(tmp_path)
+    adapter = load_autoencoder(tmp_path)
+    assert (adapter.in_channels, adapter.spatial_factor, adapter.temporal_factor) == (3, 16, 4)  # RGB pixels
+    pixels = pixels_for("AutoencoderKLWan", batch=1)  # (1, 3, 9, 32, 32)
+    with torch.no_grad():
+        moments = adapter.encode_moments(pixels)
+        torch.testing.assert_close(moments, own_encode(model, pixels), rtol=1e-5, atol=1e-5)
+        assert adapter.decode(moments[:, :4]).shape == pixels.shape
