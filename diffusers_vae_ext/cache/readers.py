@@ -22,6 +22,46 @@ def draw_seed(seed: int, epoch: int, sample_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def make_item(
+    record: dict[str, Any],
+    moments: torch.Tensor,
+    vae_config: dict[str, Any],
+    *,
+    seed: int,
+    epoch: int,
+    sample_posterior: bool,
+    scale: bool,
+    return_moments: bool,
+) -> dict[str, Any]:
+    """One training item from an index record and its stored moments; every reader builds its items here.
+
+    The posterior draw depends on (seed, epoch, sample id) only, so it is the same whichever reader, worker,
+    process or position serves the sample.
+    """
+    mean, logvar = moments.float().chunk(2, dim=0)
+    if sample_posterior:
+        generator = torch.Generator().manual_seed(draw_seed(seed, epoch, record["id"]))
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        latents = mean + torch.exp(0.5 * logvar) * noise
+    else:
+        latents = mean.clone()
+    if scale:
+        latents = scale_latents(latents.unsqueeze(0), vae_config)[0]
+    item = {
+        "latents": latents,
+        "caption": record["caption"],
+        "original_size": torch.tensor(record["original_size"]),
+        "crop_coords_top_left": torch.tensor(record["crop_coords_top_left"]),
+        "target_size": torch.tensor(record["target_size"]),
+        "bucket": torch.tensor(record["bucket"]),
+        "flip": bool(record["flip"]),
+        "id": record["id"],
+    }
+    if return_moments:
+        item["mean"], item["logvar"] = mean, logvar
+    return item
+
+
 class LatentCacheDataset(Dataset):
     """A latent cache as a map-style dataset: one dict per cached sample, in index order.
 
@@ -111,25 +151,13 @@ class LatentCacheDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        mean, logvar = self.moments(index).chunk(2, dim=0)
-        if self.sample_posterior:
-            generator = torch.Generator().manual_seed(draw_seed(self.seed, self.epoch, record["id"]))
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-            latents = mean + torch.exp(0.5 * logvar) * noise
-        else:
-            latents = mean.clone()
-        if self.scale:
-            latents = scale_latents(latents.unsqueeze(0), self.vae_config)[0]
-        item = {
-            "latents": latents,
-            "caption": record["caption"],
-            "original_size": torch.tensor(record["original_size"]),
-            "crop_coords_top_left": torch.tensor(record["crop_coords_top_left"]),
-            "target_size": torch.tensor(record["target_size"]),
-            "bucket": torch.tensor(record["bucket"]),
-            "flip": bool(record["flip"]),
-            "id": record["id"],
-        }
-        if self.return_moments:
-            item["mean"], item["logvar"] = mean, logvar
-        return item
+        return make_item(
+            record,
+            self.moments(index),
+            self.vae_config,
+            seed=self.seed,
+            epoch=self.epoch,
+            sample_posterior=self.sample_posterior,
+            scale=self.scale,
+            return_moments=self.return_moments,
+        )
