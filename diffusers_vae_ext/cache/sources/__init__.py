@@ -110,6 +110,16 @@ def open_source(
         return DatasetSource(dataset, image_column, caption_column, name, unit_size)
 
     url = str(train_data_dir)
+    try:
+        return _open_files(url, image_column, caption_column, unit_size, storage_options)
+    except FileNotFoundError as err:
+        if url in str(err):
+            raise
+        # e.g. s3fs's "The specified bucket does not exist": say which URL, and what to check.
+        raise FileNotFoundError(f"Cannot read {url!r}: {err}. Check the bucket name and the path.") from err
+
+
+def _open_files(url: str, image_column, caption_column, unit_size: int, storage_options) -> Source:
     with storage_errors(url, "read"):
         fs, path = url_to_fs(url, storage_options)
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))

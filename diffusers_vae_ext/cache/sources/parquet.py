@@ -11,13 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from .base import Source, SourceItem, Unit, file_version
 from .rows import image_bytes
 
-_BROKEN = (pa.lib.ArrowException, ValueError, EOFError)
+
+def _pyarrow():
+    """`pyarrow.parquet` and the errors that mean "this file is broken" (not "the network is down")."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError("parquet input needs `pyarrow`: pip install 'diffusers-vae-ext[scale]'") from err
+    return pq, (pa.lib.ArrowException, ValueError, EOFError)
 
 
 class ParquetSource(Source):
@@ -45,6 +50,7 @@ class ParquetSource(Source):
         caption_column: str | None,
         storage_options: dict[str, Any] | None = None,
     ):
+        pq, broken = _pyarrow()
         self._bind_fs(url, storage_options, fs)
         self.url, self.files = url, files
         columns = None
@@ -53,7 +59,7 @@ class ParquetSource(Source):
                 with fs.open(path, "rb") as handle:
                     columns = pq.ParquetFile(handle).schema_arrow.names
                 break
-            except _BROKEN:
+            except broken:
                 continue
         if columns is None:
             raise ValueError(f"None of the parquet files at {url!r} can be read (first: {files[0][0]}).")
@@ -82,6 +88,7 @@ class ParquetSource(Source):
             return "missing"
 
     def units(self) -> Iterator[Unit]:
+        pq, broken = _pyarrow()
         for path, name, info in self.files:
             version = self._version(path, info)
             try:
@@ -90,7 +97,7 @@ class ParquetSource(Source):
             except FileNotFoundError as err:
                 yield Unit(name, "broken", path=path, signature=f"broken:{version}", error=f"cannot read: {err}")
                 continue
-            except _BROKEN as err:
+            except broken as err:
                 error = f"not a readable parquet file ({type(err).__name__}: {err})"
                 yield Unit(name, "broken", path=path, signature=f"broken:{version}", error=error)
                 continue
@@ -104,6 +111,7 @@ class ParquetSource(Source):
                 start = stop
 
     def items(self, unit: Unit) -> Iterator[SourceItem]:
+        pq, broken = _pyarrow()
         name = unit.name.rsplit("#rg", 1)[0]
         columns = [self.image_column] + ([self.caption_column] if self.caption_column else [])
         row = unit.start
@@ -126,7 +134,7 @@ class ParquetSource(Source):
                             yield SourceItem(label, None, caption, error=("no_image", reason))
                             continue
                         yield SourceItem(label, data, caption)
-        except _BROKEN as err:
+        except broken as err:
             reason = f"row group {unit.group} cannot be read from row {row} on ({type(err).__name__}: {err})"
             yield SourceItem(unit.name, None, error=("unreadable", reason))
 

@@ -86,9 +86,7 @@ class DatasetSource(Source):
                 yield SourceItem(label, None, caption, error=("unreadable", f"cannot read: {err}"))
                 continue
             if data is None:
-                yield SourceItem(
-                    label, None, caption, error=("unreadable", f"no image in column {self.image_column!r}")
-                )
+                yield SourceItem(label, None, caption, error=("no_image", f"no image in column {self.image_column!r}"))
                 continue
             yield SourceItem(label, data, caption)
 
