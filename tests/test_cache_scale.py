@@ -368,3 +368,79 @@ def test_bad_storage_input_fails_before_any_work_with_a_clear_error(workdir, s3,
         requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"inf", timeout=10)
     assert not calls, "every error above comes before the first image is encoded"
     assert not s3.fs.exists("caches/readonly/cache.json") and not s3.fs.exists("caches/never")
+
+
+def _served(dataset_factory, ranks: int, workers: int) -> list[dict]:
+    items = []
+    for rank in range(ranks):
+        loader = torch.utils.data.DataLoader(dataset_factory(rank), batch_size=None, num_workers=workers)
+        items.extend(loader)
+    return items
+
+
+def test_streaming_reader_from_s3_serves_each_sample_once_over_ranks_and_workers_like_the_map_reader(
+    s3, local_reference, s3_reference
+):
+    from diffusers_vae_ext.cache import LatentCacheIterableDataset
+
+    reference = LatentCacheDataset(local_reference, seed=3)
+    reference.set_epoch(1)
+    expected = {r["id"]: reference[i] for i, r in enumerate(reference.records)}
+
+    def from_s3(rank):
+        return LatentCacheIterableDataset(s3_reference, seed=3, epoch=1, rank=rank, world_size=2, shuffle_buffer=4)
+
+    served = _served(from_s3, ranks=2, workers=2)  # 4 consumers, each reading its shards straight from S3
+    assert sorted(item["id"] for item in served) == sorted(expected), "every sample exactly once"
+    for item in served:
+        want = expected[item["id"]]
+        assert torch.equal(item["latents"], want["latents"]), item["id"]  # the same draw, the same scaling
+        for key in ("caption", "flip"):
+            assert item[key] == want[key]
+        for key in ("original_size", "crop_coords_top_left", "target_size", "bucket"):
+            assert torch.equal(item[key], want[key])
+
+    # More consumers than shards (14 ranks): still each sample once, consumers differ by one sample at most.
+    stream = LatentCacheIterableDataset(local_reference, seed=3, epoch=1)
+    assert len(stream.shards) < 14
+    counts = [sum(e - f for _, f, e in stream.ranges(c, 14)) for c in range(14)]
+    assert max(counts) - min(counts) <= 1
+    served = [
+        item
+        for rank in range(14)
+        for item in LatentCacheIterableDataset(local_reference, seed=3, epoch=1, rank=rank, world_size=14)
+    ]
+    assert sorted(item["id"] for item in served) == sorted(expected)
+
+    # A new epoch: a new order and new draws; the same epoch again: the same stream.
+    first = [item["id"] for item in LatentCacheIterableDataset(local_reference, seed=3, epoch=1)]
+    again = [item["id"] for item in LatentCacheIterableDataset(local_reference, seed=3, epoch=1)]
+    stream.set_epoch(2)
+    second = list(stream)
+    assert first == again and [item["id"] for item in second] != first
+    reference.set_epoch(2)
+    index = {r["id"]: i for i, r in enumerate(reference.records)}
+    assert all(torch.equal(item["latents"], reference[index[item["id"]]]["latents"]) for item in second)
+
+
+def test_streaming_reader_batches_hold_one_bucket(workdir, vae_dir):
+    from diffusers_vae_ext.cache import LatentCacheIterableDataset
+
+    folder = workdir / "aspect"
+    folder.mkdir()
+    photos = sample_photos()
+    sizes = [(256, 64), (64, 256), (128, 128), (192, 64), (128, 128), (256, 64), (64, 192), (128, 128)]
+    for i, size in enumerate(sizes):
+        photos[PHOTOS[i % len(PHOTOS)]].resize(size).save(folder / f"{i}.png")
+    out = workdir / "aspect_cache"
+    precompute_latents(vae_dir, out, train_data_dir=folder, **{**RUN, "resolution": 128, "buckets": True})
+    records = LatentCacheDataset(out).records
+    assert len({tuple(r["bucket"]) for r in records}) >= 3
+    served = []
+    for rank in range(2):
+        stream = LatentCacheIterableDataset(out, batch_size=3, rank=rank, world_size=2)
+        batches = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0))
+        assert all(len({tuple(b) for b in batch["bucket"].tolist()}) == 1 for batch in batches)
+        assert all(batch["latents"].shape[0] == len(batch["id"]) <= 3 for batch in batches)
+        served += [i for batch in batches for i in batch["id"]]
+    assert sorted(served) == sorted(r["id"] for r in records), "both ranks together: every sample once"

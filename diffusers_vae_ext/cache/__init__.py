@@ -29,6 +29,7 @@ from .index import CacheSummary
 from .readers import LatentCacheDataset
 from .sources import iter_source_items, open_source
 from .storage import StorageAccessError
+from .streaming import LatentCacheIterableDataset, bucket_batches
 from .writer import precompute_latents
 
 __all__ = [
@@ -37,7 +38,9 @@ __all__ = [
     "CacheSettings",
     "CacheSummary",
     "LatentCacheDataset",
+    "LatentCacheIterableDataset",
     "StorageAccessError",
+    "bucket_batches",
     "iter_source_items",
     "load_cache_info",
     "open_source",

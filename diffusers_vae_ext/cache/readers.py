@@ -1,4 +1,8 @@
-"""Reading a latent cache for training: `LatentCacheDataset` (memory-mapped, fresh posterior draws per epoch)."""
+"""Reading a latent cache for training: `LatentCacheDataset` (memory-mapped, fresh posterior draws per epoch).
+
+`make_item` turns a stored record and its moments into a training item; every reader (also the streaming
+`LatentCacheIterableDataset` in `streaming.py`) builds its items there, so they agree item for item.
+"""
 
 from __future__ import annotations
 
@@ -81,6 +85,10 @@ class LatentCacheDataset(Dataset):
     so `torch.cat([original_size, crop_coords_top_left, target_size], 1)` are SDXL's `add_time_ids`), `flip`
     (bool), `id` (str).
 
+    The index is held in memory (about 1 KB per sample as Python objects, in every DataLoader worker): fine for
+    millions of samples on a large machine, not for tens of millions. For those, and for caches in object storage,
+    use `LatentCacheIterableDataset`, which never reads the index.
+
     Shards are memory-mapped with `safe_open`, opened lazily in whichever process reads them, so DataLoader
     workers each open their own. With `persistent_workers=True` workers keep the epoch they started with: call
     `set_epoch` before creating the DataLoader iterator, or leave `persistent_workers` off.
@@ -96,7 +104,12 @@ class LatentCacheDataset(Dataset):
         scale: bool = True,
         return_moments: bool = False,
     ) -> None:
-        self.path = Path(path)
+        if "://" in str(path) and not str(path).startswith("file://"):
+            raise ValueError(
+                f"LatentCacheDataset memory-maps local caches; read {path} with "
+                "diffusers_vae_ext.cache.LatentCacheIterableDataset (streams shards from the URL)."
+            )
+        self.path = Path(str(path).removeprefix("file://"))
         self.info = load_cache_info(self.path)
         if self.info.get("status") != "complete":
             raise ValueError(
