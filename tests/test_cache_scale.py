@@ -444,3 +444,52 @@ def test_streaming_reader_batches_hold_one_bucket(workdir, vae_dir):
         assert all(batch["latents"].shape[0] == len(batch["id"]) <= 3 for batch in batches)
         served += [i for batch in batches for i in batch["id"]]
     assert sorted(served) == sorted(r["id"] for r in records), "both ranks together: every sample once"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local 2-CPU Ray cluster started inside the test process (skipped with the reason if it cannot start)."""
+    ray = pytest.importorskip("ray", reason="the Ray engine tests need ray (pip install 'diffusers-vae-ext[ray]')")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+    except Exception as err:  # e.g. no shared memory, no free ports
+        pytest.skip(f"a local Ray cluster cannot start here: {type(err).__name__}: {err}")
+    yield ray
+    ray.shutdown()
+
+
+def _kill_encoder_actor_after_first_unit(out: Path, report: dict) -> None:
+    """SIGKILL the Ray encoder actor's process (a descendant of this test) once one unit is complete."""
+    import psutil
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (out / "units").is_dir() and any((out / "units").glob("*.json")):
+            for process in psutil.Process().children(recursive=True):
+                try:
+                    if "_UnitEncoderActor" in " ".join(process.cmdline()):
+                        report["units_done_at_kill"] = len(list((out / "units").glob("*.json")))
+                        process.send_signal(signal.SIGKILL)
+                        report["killed"] = process.pid
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.02)
+
+
+def test_ray_engine_equals_the_local_run_also_when_a_worker_is_killed(
+    workdir, vae_dir, shards, local_reference, ray_cluster
+):
+    import threading
+
+    summary = precompute_latents(vae_dir, workdir / "ray", train_data_dir=shards[0], engine="ray", **RUN)
+    assert summary.new == summary.cached > 0
+    assert_same_cache(workdir / "ray", local_reference, exact=True)
+
+    out, report = workdir / "ray_killed", {}
+    killer = threading.Thread(target=_kill_encoder_actor_after_first_unit, args=(out, report), daemon=True)
+    killer.start()
+    precompute_latents(vae_dir, out, train_data_dir=shards[0], engine="ray", **RUN)
+    killer.join(timeout=5)
+    assert "killed" in report and report["units_done_at_kill"] < 4, f"the kill did not land mid-run: {report}"
+    assert_same_cache(out, local_reference, exact=True)

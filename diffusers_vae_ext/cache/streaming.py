@@ -82,12 +82,15 @@ class LatentCacheIterableDataset(IterableDataset):
         self.vae_config = self.info["provenance"]["vae"]["config"]
         listing = self.store.get(SHARDS_FILE)
         if listing is None:
-            raise FileNotFoundError(f"{self.store.display(SHARDS_FILE)} is missing: rebuild the cache with --overwrite.")
+            raise FileNotFoundError(
+                f"{self.store.display(SHARDS_FILE)} is missing: rebuild the cache with --overwrite."
+            )
         self.shards = [json.loads(line) for line in listing.decode("utf-8").splitlines() if line]
         self.num_samples = sum(shard["samples"] for shard in self.shards)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-        self.sample_posterior, self.seed, self.scale, self.return_moments = sample_posterior, seed, scale, return_moments
+        self.sample_posterior, self.seed = sample_posterior, seed
+        self.scale, self.return_moments = scale, return_moments
         self.epoch, self.shuffle, self.shuffle_buffer = epoch, shuffle, max(1, shuffle_buffer)
         self.batch_size, self.drop_last = batch_size, drop_last
         self.rank, self.world_size = rank, world_size
@@ -145,7 +148,8 @@ class LatentCacheIterableDataset(IterableDataset):
         consumer, consumers = self._consumer()
         samples = self._samples(self.ranges(consumer, consumers))
         if self.shuffle:
-            samples = _shuffled(samples, self.shuffle_buffer, random.Random(f"buffer:{self.seed}:{self.epoch}:{consumer}"))
+            rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{consumer}")
+            samples = _shuffled(samples, self.shuffle_buffer, rng)
         for record, moments in samples:
             yield make_item(
                 record,
