@@ -101,7 +101,9 @@ def run_ray_engine(
         if gpus:
             options["num_gpus"] = 1
         actor_class = ray.remote(_UnitEncoderActor)
-        vae_ref, source_ref = ray.put(vae.cpu()), ray.put(source)
+        device = next(vae.parameters()).device
+        vae_ref, source_ref = ray.put(vae.cpu()), ray.put(source)  # actors may have no GPU, or another one
+        vae.to(device)
         actors = [
             actor_class.options(**options).remote(vae_ref, ctx, [source_ref], torch_threads)
             for _ in range(num_encoders)
