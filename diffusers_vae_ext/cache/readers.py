@@ -85,9 +85,10 @@ class LatentCacheDataset(Dataset):
     so `torch.cat([original_size, crop_coords_top_left, target_size], 1)` are SDXL's `add_time_ids`), `flip`
     (bool), `id` (str).
 
-    The index is held in memory (about 1 KB per sample as Python objects, in every DataLoader worker): fine for
-    millions of samples on a large machine, not for tens of millions. For those, and for caches in object storage,
-    use `LatentCacheIterableDataset`, which never reads the index.
+    The index is held in memory as Python objects (about 2.5 KB per sample, and DataLoader workers end up with
+    their own copies as reference counts touch the pages): fine for a million samples, not for ten million (25 GB
+    per process). For those, and for caches in object storage, use `LatentCacheIterableDataset`, which never reads
+    the index.
 
     Shards are memory-mapped with `safe_open`, opened lazily in whichever process reads them, so DataLoader
     workers each open their own. With `persistent_workers=True` workers keep the epoch they started with: call
