@@ -125,9 +125,12 @@ def write_index(
     summary.skipped = dict(skipped_kinds)
 
     # Shards of a current unit that its manifest does not name are superseded versions or leftovers of a cut-off
-    # write: delete them. Units no longer in the listing are left alone (an input may be offline for a while).
+    # write: delete them, and the temporary files of writes cut off by a crash (no writer is running any more).
+    # Units no longer in the listing are left alone (an input may be offline for a while).
     superseded = [
-        name for name in store.list(SHARD_DIR) if part_unit_key(name) in current_keys and name not in referenced
+        name
+        for name in store.list(SHARD_DIR) + store.list(UNIT_DIR)
+        if (part_unit_key(name) in current_keys and name not in referenced) or ".tmp-" in name
     ]
     store.delete(superseded)
     for name in store.list(UNIT_DIR):
