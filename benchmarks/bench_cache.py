@@ -106,11 +106,11 @@ def make_photos(count: int, seed: int = 0) -> list:
     return images
 
 
-def encode_bytes(image, index: int) -> tuple[str, bytes]:
+def encode_bytes(image, index: int, jpeg_only: bool = False) -> tuple[str, bytes]:
+    png = index % 2 and not jpeg_only
     buffer = io.BytesIO()
-    extension = "png" if index % 2 else "jpg"
-    image.save(buffer, format="PNG" if index % 2 else "JPEG", quality=92)
-    return extension, buffer.getvalue()
+    image.save(buffer, format="PNG" if png else "JPEG", quality=92)
+    return ("png" if png else "jpg"), buffer.getvalue()
 
 
 def write_folder(folder: Path, images: list) -> None:
@@ -130,13 +130,16 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def put_shards(fs, prefix: str, images: list, per_shard: int) -> int:
-    """Upload `images` as webdataset shards of `per_shard` samples; returns the number of shards."""
+def put_shards(fs, prefix: str, images: list, per_shard: int, count: int | None = None) -> int:
+    """Upload webdataset shards of `per_shard` samples (`count` shards cycling through `images`, as JPEG, or all
+    `images` once); returns the number of shards."""
     shards = 0
-    for start in range(0, len(images), per_shard):
+    total = len(images) if count is None else count * per_shard
+    for start in range(0, total, per_shard):
         members = []
-        for index in range(start, min(start + per_shard, len(images))):
-            extension, data = encode_bytes(images[index], index)
+        for index in range(start, min(start + per_shard, total)):
+            image = images[index % len(images)]
+            extension, data = encode_bytes(image, index, jpeg_only=count is not None)
             members += [(f"{index:05d}.{extension}", data), (f"{index:05d}.txt", f"photo {index}".encode())]
         fs.pipe_file(f"{prefix}/{shards:05d}.tar", tar_bytes(members))
         shards += 1
@@ -290,8 +293,8 @@ def main() -> None:
 
         if "first_batch" in parts:
             small, large = (int(n) for n in args.shards.split(","))
-            few = make_photos(2 * large, seed=1)
-            put_shards(fs, "bench-in/many", few, 2)
+            photos = [image.resize((256, 256)) for image in make_photos(16, seed=1)]
+            put_shards(fs, "bench-in/many", photos, 2, count=large)
             fs.invalidate_cache()
             for index in range(small):  # the small set: the first `small` shards, copied
                 fs.copy(f"bench-in/many/{index:05d}.tar", f"bench-in/few/{index:05d}.tar")

@@ -24,11 +24,11 @@ folders and datasets), `plan` (batches and shards), `writer` (`precompute_latent
 """
 
 from ..buckets import BucketBatchSampler
-from .format import CacheMismatchError, CacheSettings, load_cache_info
+from .format import CacheMismatchError, CacheSettings
 from .index import CacheSummary
 from .readers import LatentCacheDataset
 from .sources import iter_source_items, open_source
-from .storage import StorageAccessError
+from .storage import StorageAccessError, load_cache_info
 from .streaming import LatentCacheIterableDataset, bucket_batches
 from .writer import precompute_latents
 

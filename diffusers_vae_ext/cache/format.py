@@ -158,13 +158,6 @@ def check_cache_info(info: dict[str, Any], where: str) -> dict[str, Any]:
     return info
 
 
-def load_cache_info(path: Any, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The parsed `cache.json` of the cache at `path` (a folder or any fsspec URL): provenance, source, counts."""
-    from .storage import CacheStore
-
-    return CacheStore(path, storage_options).read_info()
-
-
 # ------------------------------------------------------------------------------------------------- names
 def _slug(name: str) -> str:
     # Readable, safe in every file system and object store; the hash next to it keeps names unique.

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from ..scaling import scale_latents
-from .format import INDEX_FILE, load_cache_info
+from .format import INDEX_FILE
+from .storage import load_cache_info
 
 
 def draw_seed(seed: int, epoch: int, sample_id: str) -> int:

@@ -245,3 +245,8 @@ class CacheStore:
             names = [n for n in self.list(SHARD_DIR) if n.rsplit("/", 1)[-1].startswith(("shard-", ".shard-"))]
             names += [n for n in self.list(UNIT_DIR) if n.endswith(".json") or ".tmp-" in n]
             self.delete(names + [CACHE_FILE, INDEX_FILE, SKIPPED_FILE, SHARDS_FILE])
+
+
+def load_cache_info(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The parsed `cache.json` of the cache at `path` (a folder or any fsspec URL): provenance, source, counts."""
+    return CacheStore(path, storage_options).read_info()

@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from ...data import IMAGE_EXTENSIONS, UnreadableImageError
+from ..storage import url_to_fs
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,6 @@ class Source:
         """The source's fsspec file system, re-created in each process (async ones such as s3fs are not
         fork-safe, and DataLoader workers are forked)."""
         if self._fs is None or self._fs_pid != os.getpid():
-            from ..storage import url_to_fs
-
             self._fs, self._fs_pid = url_to_fs(self._fs_url, self._fs_options)[0], os.getpid()
         return self._fs
 
