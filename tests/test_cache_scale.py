@@ -493,3 +493,38 @@ def test_ray_engine_equals_the_local_run_also_when_a_worker_is_killed(
     killer.join(timeout=5)
     assert "killed" in report and report["units_done_at_kill"] < 4, f"the kill did not land mid-run: {report}"
     assert_same_cache(out, local_reference, exact=True)
+
+
+def test_a_corrupt_tar_header_keeps_the_samples_before_it_and_is_reported(workdir):
+    from diffusers_vae_ext.cache import iter_source_items
+
+    root = workdir / "corrupt_header"
+    root.mkdir()
+    photos = small_photos(4)
+    members = []
+    for n, photo in enumerate(photos):
+        members += [(f"{n:05d}.jpg", _jpeg(photo)), (f"{n:05d}.txt", f"photo {n}".encode())]
+    write_tar(root / "00000.tar", members)
+    with tarfile.open(root / "00000.tar") as tar:
+        header = next(m for m in tar.getmembers() if m.name == "00002.jpg").offset
+    data = bytearray((root / "00000.tar").read_bytes())
+    data[header : header + 100] = b"\xff" * 100  # tarfile would end the archive here without a word
+    (root / "00000.tar").write_bytes(bytes(data))
+
+    items = list(iter_source_items(root))
+    assert [(i.label, i.caption) for i in items[:-1]] == [("00000.tar/00000", "photo 0")]
+    assert items[0].data == _jpeg(photos[0])
+    # Sample 00001 may have lost members after the corrupt header: reported, not cached with a wrong caption.
+    assert items[-1].label == "00000.tar" and items[-1].error[0] == "unreadable"
+    assert "after sample '00000'" in items[-1].error[1] and "00001" in items[-1].error[1]
+
+
+def test_an_old_format_cache_is_refused_with_what_to_do(workdir, vae_dir, shards):
+    old = workdir / "v1"
+    old.mkdir()
+    info = {"format": "diffusers_vae_ext.latent_cache", "format_version": 1, "status": "complete"}
+    (old / "cache.json").write_text(json.dumps({**info, "provenance": info, "provenance_hash": "0"}))
+    with pytest.raises(ValueError, match="format version 1; this code reads 2.*--overwrite"):
+        LatentCacheDataset(old)
+    with pytest.raises(ValueError, match="v1, this code writes v2"):
+        precompute_latents(vae_dir, old, train_data_dir=shards[0], **RUN)

@@ -76,8 +76,8 @@ def run_ray_engine(
     torch_threads: int = 1,
     max_unit_retries: int = 3,
     progress: bool = True,
-) -> list[UnitResult]:
-    """Encode every unit of `source` on a Ray cluster; returns the units' results.
+) -> int:
+    """Encode every unit of `source` on a Ray cluster; returns the number of samples encoded now.
 
     Args:
         source, ctx, vae: the run's source, unit context and VAE (shipped once to each actor).
@@ -108,7 +108,7 @@ def run_ray_engine(
             actor_class.options(**options).remote(vae_ref, ctx, [source_ref], torch_threads)
             for _ in range(num_encoders)
         ]
-        results: list[UnitResult] = []
+        encoded = 0
         in_flight: dict[Any, tuple[Unit, int]] = {}
         next_actor = itertools.cycle(range(num_encoders))
         units = iter(source.units())
@@ -123,17 +123,18 @@ def run_ray_engine(
                 (ready,), _ = ray.wait(list(in_flight), num_returns=1)
                 unit, attempt = in_flight.pop(ready)
                 try:
-                    results.append(ray.get(ready))
+                    result: UnitResult = ray.get(ready)
                 except ray.exceptions.RayError as err:
                     if attempt >= max_unit_retries:
                         raise RuntimeError(f"unit {unit.name} failed {attempt + 1} times; last error: {err}") from err
                     submit(unit, attempt + 1)
                     continue
+                encoded += result.encoded
                 bar.update(1)
                 following = next(units, None)
                 if following is not None:
                     submit(following, 0)
-        return results
+        return encoded
     finally:
         if started:
             ray.shutdown()
