@@ -84,13 +84,18 @@ class FolderSource(Source):
 
     def units(self) -> Iterator[Unit]:
         for number, start in enumerate(range(0, len(self.labels), self.unit_size)):
-            stop = min(start + self.unit_size, len(self.labels))
-            digest = hashlib.sha256()
-            for i in range(start, stop):
-                label = self.labels[i]
-                caption = self.captions.get(label, "") if label in self.captions else self.sidecars.get(label, "")
-                digest.update(json.dumps([label, self.versions[i], caption]).encode())
-            yield Unit(f"folder#{number:05d}", "folder", start=start, stop=stop, signature=digest.hexdigest())
+            yield Unit(
+                f"folder#{number:05d}", "folder", start=start, stop=min(start + self.unit_size, len(self.labels))
+            )
+
+    def signature(self, unit: Unit) -> str:
+        """Names, sizes and modification times (or ETags) of the slice's images, and their captions' sources."""
+        digest = hashlib.sha256()
+        for i in range(unit.start, unit.stop):
+            label = self.labels[i]
+            caption = self.captions.get(label, "") if label in self.captions else self.sidecars.get(label, "")
+            digest.update(json.dumps([label, self.versions[i], caption]).encode())
+        return digest.hexdigest()
 
     def items(self, unit: Unit) -> Iterator[SourceItem]:
         for label in self.labels[unit.start : unit.stop]:
