@@ -24,9 +24,13 @@ folders and datasets), `plan` (batches and shards), `writer` (`precompute_latent
 """
 
 from ..buckets import BucketBatchSampler
-from .format import CacheMismatchError, CacheSettings, load_cache_info
+from .format import CacheMismatchError, CacheSettings
+from .index import CacheSummary
 from .readers import LatentCacheDataset
-from .writer import CacheSummary, precompute_latents
+from .sources import iter_source_items, open_source
+from .storage import StorageAccessError, load_cache_info
+from .streaming import LatentCacheIterableDataset, bucket_batches
+from .writer import precompute_latents
 
 __all__ = [
     "BucketBatchSampler",
@@ -34,6 +38,11 @@ __all__ = [
     "CacheSettings",
     "CacheSummary",
     "LatentCacheDataset",
+    "LatentCacheIterableDataset",
+    "StorageAccessError",
+    "bucket_batches",
+    "iter_source_items",
     "load_cache_info",
+    "open_source",
     "precompute_latents",
 ]

@@ -1,17 +1,17 @@
 """The cache's on-disk contract: names, settings, provenance and `cache.json`.
 
 Everything that decides whether two runs may share a cache lives here: `CacheSettings` (the preprocessing), the
-provenance record (VAE fingerprint and config, scaling convention, storage dtype) and its hash, which every shard
-and `cache.json` carry. The format itself is specified in docs/latent_cache.md.
+provenance record (VAE fingerprint and config, scaling convention, storage dtype) and its hash, which every shard,
+unit manifest and `cache.json` carry, and the names of a unit's objects. The format itself is specified in
+docs/latent_cache.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,11 +20,14 @@ from ..buckets import make_buckets
 from ..scaling import scaling_convention
 
 FORMAT_NAME = "diffusers_vae_ext.latent_cache"
-FORMAT_VERSION = 1
+# 2: one manifest per input unit (units/) is the completion mark; shards are named after their unit.
+FORMAT_VERSION = 2
 CACHE_FILE = "cache.json"
 INDEX_FILE = "index.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
+SHARDS_FILE = "shards.jsonl"
 SHARD_DIR = "shards"
+UNIT_DIR = "units"
 FLIP_SUFFIX = ":flip"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -116,7 +119,7 @@ def provenance_hash(provenance: dict) -> str:
     return hashlib.sha256(canonical_json(provenance).encode()).hexdigest()
 
 
-def describe_mismatch(cached: dict, wanted: dict, where: Path) -> str:
+def describe_mismatch(cached: dict, wanted: dict, where: Any) -> str:
     lines = []
     if cached.get("format_version") != wanted["format_version"] or cached.get("format") != wanted["format"]:
         lines.append(
@@ -142,16 +145,41 @@ def describe_mismatch(cached: dict, wanted: dict, where: Path) -> str:
     )
 
 
-def load_cache_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed `cache.json` of the cache at `path` (provenance, source, counts, status)."""
-    cache_file = Path(path) / CACHE_FILE
-    if not cache_file.is_file():
-        raise FileNotFoundError(f"{path} is not a latent cache: {CACHE_FILE} is missing.")
-    info = json.loads(cache_file.read_text(encoding="utf-8"))
+def check_cache_info(info: dict[str, Any], where: str) -> dict[str, Any]:
+    """`info` (a parsed `cache.json`) if this code can read it, else a ValueError saying what to do."""
     if info.get("format") != FORMAT_NAME:
-        raise ValueError(f"{cache_file} is not a {FORMAT_NAME} file (format={info.get('format')!r}).")
+        raise ValueError(f"{where} is not a {FORMAT_NAME} file (format={info.get('format')!r}).")
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"{cache_file} has format version {info.get('format_version')}; this code reads {FORMAT_VERSION}."
+            f"{where} has format version {info.get('format_version')}; this code reads {FORMAT_VERSION}. Rebuild the "
+            "cache with the same command plus --overwrite (version 2 added per-unit manifests for resumable, "
+            "multi-machine runs)."
         )
     return info
+
+
+# ------------------------------------------------------------------------------------------------- names
+def _slug(name: str) -> str:
+    # Readable, safe in every file system and object store; the hash next to it keeps names unique.
+    return re.sub(r"[^A-Za-z0-9._]+", "_", name)[-48:].lstrip("._") or "unit"
+
+
+def unit_key(unit_name: str, provenance_hash_: str) -> str:
+    return hashlib.sha256(f"{unit_name}\x00{provenance_hash_}".encode()).hexdigest()[:16]
+
+
+def manifest_name(unit_name: str, provenance_hash_: str) -> str:
+    """Where the completion mark of `unit_name` lives: found by name, never by listing."""
+    return f"{UNIT_DIR}/{_slug(unit_name)}-{unit_key(unit_name, provenance_hash_)}.json"
+
+
+def part_name(unit_name: str, provenance_hash_: str, signature: str, part: int) -> str:
+    """Shard `part` of a unit: the same unit with the same input always writes the same objects."""
+    version = hashlib.sha256(signature.encode()).hexdigest()[:8]
+    return f"{SHARD_DIR}/shard-{_slug(unit_name)}-{unit_key(unit_name, provenance_hash_)}-{version}-{part:03d}.safetensors"
+
+
+def part_unit_key(name: str) -> str | None:
+    """The unit key in a shard file name written by `part_name` (None for anything else)."""
+    fields = name.rsplit("/", 1)[-1].removesuffix(".safetensors").split("-")
+    return fields[-3] if name.endswith(".safetensors") and len(fields) >= 5 and fields[0] == "shard" else None

@@ -1,4 +1,8 @@
-"""Reading a latent cache for training: `LatentCacheDataset` (memory-mapped, fresh posterior draws per epoch)."""
+"""Reading a latent cache for training: `LatentCacheDataset` (memory-mapped, fresh posterior draws per epoch).
+
+`make_item` turns a stored record and its moments into a training item; every reader (also the streaming
+`LatentCacheIterableDataset` in `streaming.py`) builds its items there, so they agree item for item.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,53 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from ..scaling import scale_latents
-from .format import INDEX_FILE, load_cache_info
+from .format import INDEX_FILE
+from .storage import load_cache_info
 
 
 def draw_seed(seed: int, epoch: int, sample_id: str) -> int:
     digest = hashlib.sha256(f"{seed}\x00{epoch}\x00{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_item(
+    record: dict[str, Any],
+    moments: torch.Tensor,
+    vae_config: dict[str, Any],
+    *,
+    seed: int,
+    epoch: int,
+    sample_posterior: bool,
+    scale: bool,
+    return_moments: bool,
+) -> dict[str, Any]:
+    """One training item from an index record and its stored moments; every reader builds its items here.
+
+    The posterior draw depends on (seed, epoch, sample id) only, so it is the same whichever reader, worker,
+    process or position serves the sample.
+    """
+    mean, logvar = moments.float().chunk(2, dim=0)
+    if sample_posterior:
+        generator = torch.Generator().manual_seed(draw_seed(seed, epoch, record["id"]))
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        latents = mean + torch.exp(0.5 * logvar) * noise
+    else:
+        latents = mean.clone()
+    if scale:
+        latents = scale_latents(latents.unsqueeze(0), vae_config)[0]
+    item = {
+        "latents": latents,
+        "caption": record["caption"],
+        "original_size": torch.tensor(record["original_size"]),
+        "crop_coords_top_left": torch.tensor(record["crop_coords_top_left"]),
+        "target_size": torch.tensor(record["target_size"]),
+        "bucket": torch.tensor(record["bucket"]),
+        "flip": bool(record["flip"]),
+        "id": record["id"],
+    }
+    if return_moments:
+        item["mean"], item["logvar"] = mean, logvar
+    return item
 
 
 class LatentCacheDataset(Dataset):
@@ -41,6 +86,11 @@ class LatentCacheDataset(Dataset):
     so `torch.cat([original_size, crop_coords_top_left, target_size], 1)` are SDXL's `add_time_ids`), `flip`
     (bool), `id` (str).
 
+    The index is held in memory as Python objects (about 2.5 KB per sample, and DataLoader workers end up with
+    their own copies as reference counts touch the pages): fine for a million samples, not for ten million (25 GB
+    per process). For those, and for caches in object storage, use `LatentCacheIterableDataset`, which never reads
+    the index.
+
     Shards are memory-mapped with `safe_open`, opened lazily in whichever process reads them, so DataLoader
     workers each open their own. With `persistent_workers=True` workers keep the epoch they started with: call
     `set_epoch` before creating the DataLoader iterator, or leave `persistent_workers` off.
@@ -56,7 +106,12 @@ class LatentCacheDataset(Dataset):
         scale: bool = True,
         return_moments: bool = False,
     ) -> None:
-        self.path = Path(path)
+        if "://" in str(path) and not str(path).startswith("file://"):
+            raise ValueError(
+                f"LatentCacheDataset memory-maps local caches; read {path} with "
+                "diffusers_vae_ext.cache.LatentCacheIterableDataset (streams shards from the URL)."
+            )
+        self.path = Path(str(path).removeprefix("file://"))
         self.info = load_cache_info(self.path)
         if self.info.get("status") != "complete":
             raise ValueError(
@@ -111,25 +166,13 @@ class LatentCacheDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        mean, logvar = self.moments(index).chunk(2, dim=0)
-        if self.sample_posterior:
-            generator = torch.Generator().manual_seed(draw_seed(self.seed, self.epoch, record["id"]))
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-            latents = mean + torch.exp(0.5 * logvar) * noise
-        else:
-            latents = mean.clone()
-        if self.scale:
-            latents = scale_latents(latents.unsqueeze(0), self.vae_config)[0]
-        item = {
-            "latents": latents,
-            "caption": record["caption"],
-            "original_size": torch.tensor(record["original_size"]),
-            "crop_coords_top_left": torch.tensor(record["crop_coords_top_left"]),
-            "target_size": torch.tensor(record["target_size"]),
-            "bucket": torch.tensor(record["bucket"]),
-            "flip": bool(record["flip"]),
-            "id": record["id"],
-        }
-        if self.return_moments:
-            item["mean"], item["logvar"] = mean, logvar
-        return item
+        return make_item(
+            record,
+            self.moments(index),
+            self.vae_config,
+            seed=self.seed,
+            epoch=self.epoch,
+            sample_posterior=self.sample_posterior,
+            scale=self.scale,
+            return_moments=self.return_moments,
+        )
