@@ -25,12 +25,14 @@ from diffusers_vae_ext.cache import (  # noqa: E402
     precompute_latents,
 )
 from diffusers_vae_ext.cli import main  # noqa: E402
+from diffusers_vae_ext.data import pil_to_tensor, resize_and_crop  # noqa: E402
 from diffusers_vae_ext.video import (  # noqa: E402
     ClipOptions,
     clips_from_file,
     load_clip,
     pan_zoom_frames,
     probe_image_sequence,
+    read_frames,
     write_pan_zoom_video,
 )
 
@@ -208,22 +210,28 @@ def test_frame_counts_the_vae_cannot_encode_are_refused_before_work(workdir, vid
 # ------------------------------------------------------------------------------------------------- other classes
 @torch.no_grad()
 def test_deterministic_latents_are_stored_once_and_returned_without_a_draw(workdir, video_folder):
-    """AutoencoderTiny on the video (frames encoded as images, as stats does) is exactly its own `encode`."""
+    """AutoencoderTiny on the video (frames encoded as images, as stats does) is exactly its own `encode`; the
+    mirrored clips (`flip`) are the mirrored frames, mirrored before the centre crop as images are."""
     vae = save_tiny(workdir, "AutoencoderTiny")
     model = load_autoencoder(vae).vae
     out = workdir / "tiny"
-    precompute_latents(vae, out, train_data_dir=video_folder, clip_options=CLIPS, **{**RUN, "batch_size": 1})
+    run = {**RUN, "batch_size": 1, "flip": True}
+    precompute_latents(vae, out, train_data_dir=video_folder, clip_options=CLIPS, **run)
     info = json.loads((out / "cache.json").read_text())
     assert info["provenance"]["moments"]["kind"] == "latents"
     assert info["provenance"]["moments"]["frame_axis"] == "frames"
     raw = items_by_id(LatentCacheDataset(out, scale=False, return_moments=True))
     drawn = items_by_id(LatentCacheDataset(out, seed=5, sample_posterior=True))
     for clip, pixels in expected_clips(video_folder, 1):
-        (key,) = [k for k in raw if k.startswith(f"astronaut.mp4#clip{clip.index}@")]
+        (key,) = [k for k in raw if k.startswith(f"astronaut.mp4#clip{clip.index}@") and "flip" not in k]
         own = model.encode(pixels[0].transpose(0, 1)).latents.transpose(0, 1)  # (C, T, h, w)
         assert torch.equal(raw[key]["latents"], own)
         assert "logvar" not in raw[key] and torch.equal(raw[key]["mean"], own)
         torch.testing.assert_close(drawn[key]["latents"], own * TINY_CONFIGS["AutoencoderTiny"]["scaling_factor"])
+        mirrored = [resize_and_crop(Image.fromarray(f[:, ::-1]), (32, 32))[0] for f in read_frames(clip)]
+        own = model.encode(torch.stack([pil_to_tensor(image) for image in mirrored])).latents.transpose(0, 1)
+        assert torch.equal(raw[key + ":flip"]["latents"], own) and raw[key + ":flip"]["flip"]
+    assert len(raw) == 4
     with safe_open(str(next((out / "shards").iterdir())), framework="pt") as handle:
         assert handle.get_tensor(handle.keys()[0]).shape[0] == 4  # C channels stored, not 2C
 
