@@ -1,7 +1,7 @@
 """Videos in a unit of work: a video item becomes its clips (samples), a batch of clips becomes 5-D pixels.
 
 The reader half of a unit (`unit.read_unit`) calls `plan_video` for each video of a `VideoFolderSource` unit and
-`decode_clips` for each batch, where it calls `plan_image` / `decode_images` for images. Clips are cut exactly as
+`decode_clips` for each batch, where it calls `plan_image` / `decode_batch` for images. Clips are cut exactly as
 `diffusers-vae stats` cuts them (`video.clips_from_file` with the same `ClipOptions` and the autoencoder's frame
 rule); each clip goes to the aspect-ratio bucket of its source size and its frames are centre-cropped to it, so
 a batch holds clips of one (frames, height, width). Files that give no clip are skips with the video module's

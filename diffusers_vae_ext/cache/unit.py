@@ -5,9 +5,11 @@ a Ray task and an encoder actor), connected by a stream of small picklable messa
 
 - `read_unit` (reader side): checks the unit's manifest (a complete unit with the same input is skipped), reads
   the items, hashes them (ids), probes their size (bucket, too small), expands each into samples
-  (`plan.expand_image`), reuses the latents of samples the unit's previous version already held, forms batches
-  within buckets (`plan.BucketBatcher`) and decodes them to pixels;
-- `encode_messages` (writer side): encodes the batches (`Encoder`), fills shards of about `shard_size` samples,
+  (`plan_image`; a video into its clips with `clips.plan_video`), reuses the latents of samples the unit's
+  previous version already held, forms batches within buckets (`plan.BucketBatcher`) and decodes them to pixels
+  (images (B, C, H, W), clips (B, C, T, H, W));
+- `encode_messages` (writer side): encodes the batches (`Encoder`, any autoencoder class through its adapter),
+  fills shards of about `shard_size` samples,
   publishes each whole (`CacheStore.put_shard`), and publishes the unit's manifest last. The manifest is the
   unit's completion mark and the source of truth for resume and for the index: a unit without one is redone from
   scratch, and since its objects are named from the unit name, the provenance and the input's signature, a
