@@ -12,6 +12,7 @@ from autoencoder_configs import EXPECTED, TINY_CONFIGS, build_tiny, own_decode, 
 from conftest import photo_batch
 from PIL import Image
 from safetensors import safe_open
+from torch.utils.data import DataLoader
 
 pytest.importorskip("av", reason="PyAV is not installed (pip install 'diffusers-vae-ext[video]')")
 
@@ -19,6 +20,7 @@ from test_video import VFR_TIMES, write_audio_only  # noqa: E402
 
 from diffusers_vae_ext.autoencoders import load_autoencoder  # noqa: E402
 from diffusers_vae_ext.cache import (  # noqa: E402
+    BucketBatchSampler,
     CacheMismatchError,
     LatentCacheDataset,
     LatentCacheIterableDataset,
@@ -173,6 +175,9 @@ def test_both_readers_draw_the_same_fresh_latents_each_sample_once(wan_cache):
     assert not torch.equal(first[0]["latents"], second[0]["latents"])  # a fresh draw each epoch
     batch = next(iter(LatentCacheIterableDataset(wan_cache, batch_size=2)))
     assert batch["latents"].shape == (2, 4, 3, 4, 4) and batch["frame_indices"].shape == (2, 9)
+    loader = DataLoader(mapped, batch_sampler=BucketBatchSampler(mapped, batch_size=2))
+    (batch,) = list(loader)
+    assert batch["latents"].shape == (2, 4, 3, 4, 4) and batch["bucket"].tolist() == [[9, 32, 32]] * 2
 
 
 def test_rerun_resumes_without_encoding_and_another_class_is_refused(workdir, video_folder, wan_cache, monkeypatch):
