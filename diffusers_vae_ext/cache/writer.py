@@ -12,6 +12,7 @@ Engines run the same unit of work (`unit.py`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -194,11 +195,19 @@ def precompute_latents(
     main = state.is_main_process
     if engine == "ray" and state.num_processes > 1:
         raise ValueError("--engine ray runs from one driver process: start it with python, not accelerate launch.")
+    settings = CacheSettings(resolution, center_crop, buckets, flip, max_upscale, dtype)  # checked before work
     if batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise ValueError(f"batch_size and shard_size must be at least 1, got {batch_size} and {shard_size}.")
 
     adapter = _resolve_vae(vae, vae_subfolder)
     vae = adapter.vae.eval()
+    factor = adapter.size_multiple
+    bad_sides = sorted({side for b in settings.bucket_list() for side in b if side % factor})
+    if bad_sides:
+        raise ValueError(
+            f"resolution {resolution}: target sides {bad_sides} are not divisible by {adapter.class_name}'s "
+            f"{factor}: use a multiple of {factor}."
+        )
     with state.main_process_first():  # one process downloads / prepares a hub dataset, the others reuse it
         source = open_source(
             train_data_dir,
@@ -218,16 +227,7 @@ def precompute_latents(
         if unit_size is None:  # units of as many videos as a shard holds clips (the listing is read lazily)
             source.unit_size = shard_size
     shard_size = shard_size or DEFAULT_SHARD_SIZE["images"]
-    settings = CacheSettings(
-        resolution, center_crop, buckets, flip, max_upscale, dtype, video=clip_options if video else None
-    )
-    factor = adapter.size_multiple
-    bad_sides = sorted({side for b in settings.bucket_list() for side in b if side % factor})
-    if bad_sides:
-        raise ValueError(
-            f"resolution {resolution}: target sides {bad_sides} are not divisible by {adapter.class_name}'s "
-            f"{factor}: use a multiple of {factor}."
-        )
+    settings = dataclasses.replace(settings, video=clip_options if video else None)
     fingerprint = weights_fingerprint(vae)
     provenance = build_provenance(adapter, settings, fingerprint, DTYPE_NAMES[DTYPES[settings.dtype]])
     prov_hash = provenance_hash(provenance)
