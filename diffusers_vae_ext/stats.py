@@ -21,7 +21,7 @@ import torch
 import torch.utils.data
 
 from .autoencoders import AutoencoderAdapter, load_autoencoder
-from .cache import LatentCacheDataset
+from .cache import LatentCacheDataset, load_cache_info
 from .conventions import (
     allowed_conventions,
     pipeline_convention,
@@ -328,6 +328,13 @@ def _current_values(vae: str, subfolder: str | None) -> tuple[str, dict[str, Any
     return name, config, current
 
 
+def _counts_clips(train_data_dir: str | None, cache_dir: str | None, image_sequences: bool) -> bool:
+    """Whether the samples are video clips: a video folder, or a latent cache built from one."""
+    if train_data_dir is not None:
+        return image_sequences or has_videos(train_data_dir)
+    return load_cache_info(cache_dir)["provenance"]["preprocessing"].get("video") is not None
+
+
 def run_stats(
     vae: str,
     train_data_dir: str | None = None,
@@ -402,7 +409,7 @@ def run_stats(
         skipped=len(skipped),
         source=str(train_data_dir if train_data_dir is not None else cache_dir),
         resolution=resolution if train_data_dir is not None else None,
-        unit="clip" if train_data_dir is not None and (image_sequences or has_videos(train_data_dir)) else "image",
+        unit="clip" if _counts_clips(train_data_dir, cache_dir, image_sequences) else "image",
     )
     state = PartialState()
     if state.is_main_process:

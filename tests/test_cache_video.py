@@ -297,3 +297,21 @@ def test_cli_image_sequences_are_clips_too(workdir, capsys):
     own = own_encode(load_autoencoder(vae).vae, pixels)[0]
     torch.testing.assert_close(torch.cat([item["mean"], item["logvar"]]), own, rtol=1e-5, atol=1e-5)
     assert probe_image_sequence(root).num_frames == 10
+
+
+def test_stats_of_a_video_cache_count_clips(workdir, wan_cache, capsys):
+    """`diffusers-vae stats --cache_dir` on a clip cache: per-channel statistics over every latent frame."""
+    vae = workdir / "vae_AutoencoderKLWan"
+    assert (
+        main(["stats", "--vae", str(vae), "--cache_dir", str(wan_cache), "--no-sample_posterior", "--no_progress"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "Latent statistics of 2 clips" in out
+    record = json.loads(out.strip().splitlines()[-1])
+    means = torch.stack(
+        [item["latents"] for item in LatentCacheDataset(wan_cache, sample_posterior=False, scale=False)]
+    )
+    expected = means.transpose(0, 1).flatten(1).double().mean(1)
+    torch.testing.assert_close(torch.tensor(record["latents_mean"], dtype=torch.float64), expected)
+    assert record["unit"] == "clip"

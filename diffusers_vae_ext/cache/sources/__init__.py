@@ -195,7 +195,8 @@ def iter_source_items(train_data_dir: str | os.PathLike | None = None, dataset: 
     """Every item of a source, unit after unit: `SourceItem(label, data, caption, extra, error)`.
 
     Takes `open_source`'s arguments. Items with `error` set (no image, unreadable file) carry no bytes; decode the
-    others with `diffusers_vae_ext.data.load_image_rgb(io.BytesIO(item.data))`.
+    others with `diffusers_vae_ext.data.load_image_rgb(io.BytesIO(item.data))`. Items of a video folder carry no
+    bytes either: `item.extra["path"]` is the video file or frame folder (read it with `diffusers_vae_ext.video`).
     """
     source = open_source(train_data_dir, dataset, **kwargs)
     for unit in source.units():
