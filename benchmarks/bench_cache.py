@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--shards", default="10,1000", help="first_batch part: small,large shard counts")
-    parser.add_argument("--videos", type=int, default=3, help="video part: videos (two 17-frame clips each)")
+    parser.add_argument("--videos", type=int, default=4, help="video part: videos (two 17-frame clips each)")
     parser.add_argument("--video_resolution", type=int, default=128)
     parser.add_argument("--video_batch_size", type=int, default=2)
     args = parser.parse_args()
