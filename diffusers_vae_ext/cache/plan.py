@@ -21,7 +21,8 @@ class PlannedSample:
         source: the item's label (relative path, `row<N>`, `<tar>/<key>`, `<file>/row<N>`).
         position: the item's position in its unit (orders records and skips).
         flip: the mirrored copy of the image.
-        bucket: the target (height, width).
+        bucket: the target (height, width); for a video clip (frames, height, width), so a batch holds clips of
+            one frame count.
         caption: the caption at encode time.
     """
 
@@ -38,13 +39,36 @@ def expand_image(
 ) -> list[PlannedSample]:
     """The samples one source image becomes: itself and, with `flip`, its mirrored copy.
 
-    This is the one place that maps a source item to samples; a video file would become its clips here.
+    With `expand_clip` the one place that maps a source item to samples.
     """
     variants = (False, True) if flip else (False,)
     return [
         PlannedSample(base_id + (FLIP_SUFFIX if f else ""), label, position, f, tuple(bucket), caption)
         for f in variants
     ]
+
+
+def expand_clip(
+    video_id: str, label: str, clip: int, caption: str, position: int, bucket: tuple[int, int, int], flip: bool
+) -> list[PlannedSample]:
+    """The samples clip `clip` of a video becomes: `<label>#clip<k>@<content hash>` (and its mirrored copy).
+
+    Args:
+        video_id: `<label>@<content hash>` of the video file (or image sequence).
+        bucket: (frames, height, width).
+    """
+    label_part, _, digest = video_id.rpartition("@")
+    base_id = f"{label_part}#clip{clip}@{digest}"
+    variants = (False, True) if flip else (False,)
+    return [
+        PlannedSample(base_id + (FLIP_SUFFIX if f else ""), label, position, f, tuple(bucket), caption)
+        for f in variants
+    ]
+
+
+def skip_entry(sample_id: str | None, source: str, kind: str, reason: str, position: int) -> dict[str, Any]:
+    """A `skipped.jsonl` row (`_order` sorts a unit's skips by input position; it is dropped when written)."""
+    return {"id": sample_id, "source": source, "kind": kind, "reason": reason, "_order": [position, sample_id or ""]}
 
 
 class BucketBatcher:

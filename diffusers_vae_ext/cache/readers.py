@@ -17,8 +17,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from ..scaling import scale_latents
-from .format import INDEX_FILE
+from .format import INDEX_FILE, StoredLayout
 from .storage import load_cache_info
 
 
@@ -30,7 +29,7 @@ def draw_seed(seed: int, epoch: int, sample_id: str) -> int:
 def make_item(
     record: dict[str, Any],
     moments: torch.Tensor,
-    vae_config: dict[str, Any],
+    layout: StoredLayout,
     *,
     seed: int,
     epoch: int,
@@ -38,20 +37,25 @@ def make_item(
     scale: bool,
     return_moments: bool,
 ) -> dict[str, Any]:
-    """One training item from an index record and its stored moments; every reader builds its items here.
+    """One training item from an index record and its stored tensor; every reader builds its items here.
 
     The posterior draw depends on (seed, epoch, sample id) only, so it is the same whichever reader, worker,
-    process or position serves the sample.
+    process or position serves the sample. Deterministic latents (`layout.posterior` False) are returned as stored.
     """
-    mean, logvar = moments.float().chunk(2, dim=0)
-    if sample_posterior:
-        generator = torch.Generator().manual_seed(draw_seed(seed, epoch, record["id"]))
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        latents = mean + torch.exp(0.5 * logvar) * noise
+    stored = moments.float()
+    if not layout.posterior:
+        mean, logvar = stored, None
+        latents = stored.clone()
     else:
-        latents = mean.clone()
+        mean, logvar = stored.chunk(2, dim=0)
+        if sample_posterior:
+            generator = torch.Generator().manual_seed(draw_seed(seed, epoch, record["id"]))
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+            latents = mean + torch.exp(0.5 * logvar) * noise
+        else:
+            latents = mean.clone()
     if scale:
-        latents = scale_latents(latents.unsqueeze(0), vae_config)[0]
+        latents = layout.scale(latents)
     item = {
         "latents": latents,
         "caption": record["caption"],
@@ -62,8 +66,15 @@ def make_item(
         "flip": bool(record["flip"]),
         "id": record["id"],
     }
+    if "num_frames" in record:  # a video clip
+        item["num_frames"] = record["num_frames"]
+        item["fps"] = torch.tensor(record["fps"], dtype=torch.float64)
+        item["frame_indices"] = torch.tensor(record["frame_indices"])
+        item["clip"] = record["clip"]
     if return_moments:
-        item["mean"], item["logvar"] = mean, logvar
+        item["mean"] = mean
+        if logvar is not None:
+            item["logvar"] = logvar
     return item
 
 
@@ -75,16 +86,26 @@ class LatentCacheDataset(Dataset):
         sample_posterior (`bool`, defaults to `True`): draw `latents = mean + exp(logvar / 2) * eps` with `eps`
             from a `torch.Generator` seeded by (`seed`, epoch, sample id), so draws are reproducible, independent
             of worker count and order, and fresh each epoch (`set_epoch`); `False` returns the posterior mean.
+            Has no effect on caches of deterministic autoencoders (AutoencoderDC, AutoencoderTiny: provenance
+            `moments.kind == "latents"`): their stored latents are returned as they are, every epoch.
         seed (`int`, defaults to 0): base seed of the draws.
-        scale (`bool`, defaults to `True`): apply the VAE config's scaling convention
-            (`diffusers_vae_ext.scaling.scale_latents`: scaling_factor, shift_factor or latents_mean/std) so the
-            latents are what a diffusion model trains on; `False` returns raw VAE latents (for statistics).
-        return_moments (`bool`, defaults to `False`): also return the stored `mean` and `logvar` (float32).
+        scale (`bool`, defaults to `True`): apply the scaling its autoencoder class's pipelines apply (recorded
+            in the provenance: `scaling_factor`, `shift_factor`, or per-channel `latents_mean`/`latents_std` from
+            the config or, for LTX-Video and FLUX.2, from the weights; see `conventions.pipeline_convention`) so
+            the latents are what a diffusion model trains on; `False` returns raw VAE latents (for statistics).
+        return_moments (`bool`, defaults to `False`): also return the stored `mean` and `logvar` (float32); for
+            deterministic autoencoders `mean` is the stored latents and there is no `logvar`.
 
     Items: `latents` (float32, (C, h, w)), `caption` (str), `original_size`, `crop_coords_top_left`,
     `target_size` and `bucket` (int64 tensors (2,) as (height, width) / (top, left); batched they stack to (B, 2),
     so `torch.cat([original_size, crop_coords_top_left, target_size], 1)` are SDXL's `add_time_ids`), `flip`
     (bool), `id` (str).
+
+    Video clips (`<video>#clip<k>@<hash>` ids) give 5-D-ready latents (C, T', h, w) for video autoencoders
+    (T' = 1 + (frames - 1) / temporal factor) or (C, T, h, w) for image autoencoders (one latent per frame);
+    `bucket` is (frames, height, width), `original_size` the source's (height, width), and they add
+    `num_frames` (int), `fps` (float64 tensor, the clip's frame rate), `frame_indices` (int64 (T,), source
+    frame numbers) and `clip` (int). Images cached with a video autoencoder keep its frame axis: (C, 1, h, w).
 
     The index is held in memory as Python objects (about 2.5 KB per sample, and DataLoader workers end up with
     their own copies as reference counts touch the pages): fine for a million samples, not for ten million (25 GB
@@ -119,6 +140,7 @@ class LatentCacheDataset(Dataset):
                 "interrupted or is still writing. Rerun the same command to finish it."
             )
         self.vae_config = self.info["provenance"]["vae"]["config"]
+        self.layout = StoredLayout.from_provenance(self.info["provenance"])
         index_file = self.path / INDEX_FILE
         self.records = [json.loads(line) for line in index_file.read_text(encoding="utf-8").splitlines() if line]
         self.sample_posterior = sample_posterior
@@ -169,7 +191,7 @@ class LatentCacheDataset(Dataset):
         return make_item(
             record,
             self.moments(index),
-            self.vae_config,
+            self.layout,
             seed=self.seed,
             epoch=self.epoch,
             sample_posterior=self.sample_posterior,

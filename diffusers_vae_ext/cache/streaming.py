@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from .format import SHARDS_FILE
+from .format import SHARDS_FILE, StoredLayout
 from .readers import make_item
 from .storage import CacheStore, safetensors_metadata
 
@@ -80,6 +80,7 @@ class LatentCacheIterableDataset(IterableDataset):
                 "interrupted or is still writing. Rerun the same command to finish it."
             )
         self.vae_config = self.info["provenance"]["vae"]["config"]
+        self.layout = StoredLayout.from_provenance(self.info["provenance"])
         listing = self.store.get(SHARDS_FILE)
         if listing is None:
             raise FileNotFoundError(
@@ -154,7 +155,7 @@ class LatentCacheIterableDataset(IterableDataset):
             yield make_item(
                 record,
                 moments,
-                self.vae_config,
+                self.layout,
                 seed=self.seed,
                 epoch=self.epoch,
                 sample_posterior=self.sample_posterior,

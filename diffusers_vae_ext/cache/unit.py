@@ -5,9 +5,11 @@ a Ray task and an encoder actor), connected by a stream of small picklable messa
 
 - `read_unit` (reader side): checks the unit's manifest (a complete unit with the same input is skipped), reads
   the items, hashes them (ids), probes their size (bucket, too small), expands each into samples
-  (`plan.expand_image`), reuses the latents of samples the unit's previous version already held, forms batches
-  within buckets (`plan.BucketBatcher`) and decodes them to pixels;
-- `encode_messages` (writer side): encodes the batches (`Encoder`), fills shards of about `shard_size` samples,
+  (`plan_image`; a video into its clips with `clips.plan_video`), reuses the latents of samples the unit's
+  previous version already held, forms batches within buckets (`plan.BucketBatcher`) and decodes them to pixels
+  (images (B, C, H, W), clips (B, C, T, H, W));
+- `encode_messages` (writer side): encodes the batches (`Encoder`, any autoencoder class through its adapter),
+  fills shards of about `shard_size` samples,
   publishes each whole (`CacheStore.put_shard`), and publishes the unit's manifest last. The manifest is the
   unit's completion mark and the source of truth for resume and for the index: a unit without one is redone from
   scratch, and since its objects are named from the unit name, the provenance and the input's signature, a
@@ -29,11 +31,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 
+from ..autoencoders import AutoencoderAdapter, as_autoencoder
 from ..buckets import closest_bucket, upscale_needed
 from ..data import UnreadableImageError, load_image_rgb, pil_to_tensor, resize_and_crop, to_model_channels
+from .clips import decode_clips, plan_video
 from .format import DTYPES, FORMAT_NAME, FORMAT_VERSION, CacheSettings, manifest_name, part_name
-from .plan import BucketBatcher, PlannedSample, expand_image
-from .sources import Source, Unit, content_hash, probe_size, read_unit_items
+from .plan import BucketBatcher, PlannedSample, expand_image, skip_entry
+from .sources import Source, SourceItem, Unit, VideoFolderSource, content_hash, probe_size, read_unit_items
 from .storage import CacheStore
 
 
@@ -49,6 +53,7 @@ class UnitContext:
         shard_size: about this many samples per output shard (whole batches).
         in_channels: the VAE's input channels (1: luminance).
         run_id: marks the manifests this run writes (to count what it encoded).
+        frame_multiple: clips have `frame_multiple * k + 1` frames (`AutoencoderAdapter.frame_multiple`).
     """
 
     store: CacheStore
@@ -59,6 +64,7 @@ class UnitContext:
     shard_size: int
     in_channels: int
     run_id: str
+    frame_multiple: int = 1
 
 
 @dataclass
@@ -74,8 +80,7 @@ class UnitResult:
     dropped: int = 0
 
 
-def _skip(sample_id: str | None, source: str, kind: str, reason: str, position: int) -> dict[str, Any]:
-    return {"id": sample_id, "source": source, "kind": kind, "reason": reason, "_order": [position, sample_id or ""]}
+_skip = skip_entry
 
 
 def _record(sample: PlannedSample, original_size, crop, shape, encode_dtype: str) -> dict[str, Any]:
@@ -86,7 +91,7 @@ def _record(sample: PlannedSample, original_size, crop, shape, encode_dtype: str
         "caption": sample.caption,
         "original_size": list(original_size),
         "crop_coords_top_left": list(crop),
-        "target_size": list(sample.bucket),
+        "target_size": list(sample.bucket[-2:]),
         "bucket": list(sample.bucket),
         "flip": sample.flip,
         "shape": list(shape),
@@ -106,7 +111,7 @@ def _decode(data: bytes, sample: PlannedSample, center_crop: bool, in_channels: 
 
 def decode_batch(unit: str, batch: list[tuple[PlannedSample, bytes]], ctx: UnitContext) -> dict[str, Any]:
     """Decode, convert, (flip,) resize and crop a batch; samples that fail are returned as skips."""
-    center_crop = ctx.settings.center_crop or ctx.settings.buckets
+    center_crop = ctx.settings.center_crops
     pixels, samples, geometry, failed = [], [], [], []
     for sample, data in batch:
         try:
@@ -150,6 +155,27 @@ def read_manifest(store: CacheStore, unit: str, provenance_hash: str) -> dict[st
     return manifest
 
 
+def plan_image(
+    item: SourceItem, position: int, ctx: UnitContext
+) -> tuple[list[tuple[PlannedSample, bytes]], list[dict[str, Any]]]:
+    """The samples of one image as (sample, bytes) pairs, or the skip saying why it gives none."""
+    base_id = f"{item.label}@{content_hash(item.data)}"
+    try:
+        height, width = probe_size(item.data)
+    except UnreadableImageError as err:
+        return [], [_skip(base_id, item.label, "unreadable", err.reason, position)]
+    bucket = closest_bucket(height, width, ctx.settings.bucket_list())
+    upscale = upscale_needed(height, width, bucket)
+    if upscale > ctx.settings.max_upscale:
+        reason = (
+            f"too small: {width}x{height} px would need {upscale:.2f}x upscaling to cover "
+            f"{bucket[1]}x{bucket[0]} (limit max_upscale={ctx.settings.max_upscale})"
+        )
+        return [], [_skip(base_id, item.label, "too_small", reason, position)]
+    samples = expand_image(base_id, item.label, item.caption, position, bucket, ctx.settings.flip)
+    return [(sample, item.data) for sample in samples], []
+
+
 def read_unit(source: Source, unit: Unit, ctx: UnitContext) -> Iterator[dict[str, Any]]:
     """The reader half of a unit: messages `complete` | `start`, then `batch`/`reused`..., then `end`."""
     signature = unit.signature if unit.kind == "broken" else source.signature(unit)
@@ -164,7 +190,8 @@ def read_unit(source: Source, unit: Unit, ctx: UnitContext) -> Iterator[dict[str
             reusable[record["id"]] = (part["file"], record)
     yield {"type": "start", "unit": unit.name, "signature": signature, "previous": len(reusable)}
 
-    buckets = ctx.settings.bucket_list()
+    video = source.kind == VideoFolderSource.kind
+    plan, decode = (plan_video, decode_clips) if video else (plan_image, decode_batch)
     batcher = BucketBatcher(ctx.batch_size)
     skipped: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -174,22 +201,9 @@ def read_unit(source: Source, unit: Unit, ctx: UnitContext) -> Iterator[dict[str
         if item.error is not None:
             skipped.append(_skip(None, item.label, *item.error, position))
             continue
-        base_id = f"{item.label}@{content_hash(item.data)}"
-        try:
-            height, width = probe_size(item.data)
-        except UnreadableImageError as err:
-            skipped.append(_skip(base_id, item.label, "unreadable", err.reason, position))
-            continue
-        bucket = closest_bucket(height, width, buckets)
-        upscale = upscale_needed(height, width, bucket)
-        if upscale > ctx.settings.max_upscale:
-            reason = (
-                f"too small: {width}x{height} px would need {upscale:.2f}x upscaling to cover "
-                f"{bucket[1]}x{bucket[0]} (limit max_upscale={ctx.settings.max_upscale})"
-            )
-            skipped.append(_skip(base_id, item.label, "too_small", reason, position))
-            continue
-        for sample in expand_image(base_id, item.label, item.caption, position, bucket, ctx.settings.flip):
+        planned, skips = plan(item, position, ctx)
+        skipped.extend(skips)
+        for sample, payload in planned:
             if sample.id in seen:
                 skipped.append(_skip(sample.id, sample.source, "duplicate", "same label and bytes twice", position))
                 continue
@@ -197,11 +211,11 @@ def read_unit(source: Source, unit: Unit, ctx: UnitContext) -> Iterator[dict[str
             if sample.id in reusable:
                 reused.append((sample, *reusable[sample.id]))
                 continue
-            batch = batcher.add(sample, item.data)
+            batch = batcher.add(sample, payload)
             if batch is not None:
-                yield decode_batch(unit.name, batch, ctx)
+                yield decode(unit.name, batch, ctx)
     for batch in batcher.flush():
-        yield decode_batch(unit.name, batch, ctx)
+        yield decode(unit.name, batch, ctx)
 
     # Reused samples keep their stored moments and geometry; the caption is the input's current one.
     for start in range(0, len(reused), ctx.batch_size):
@@ -216,30 +230,51 @@ def read_unit(source: Source, unit: Unit, ctx: UnitContext) -> Iterator[dict[str
 
 
 # ============================================================================================== writer side
+def encode_pixels(adapter: AutoencoderAdapter, pixels: torch.Tensor) -> torch.Tensor:
+    """Raw moments (or deterministic latents) of a batch of images (B, C, H, W) or clips (B, C, T, H, W).
+
+    Video autoencoders see images as one-frame videos (B, 2C, 1, h, w); image autoencoders see a clip's frames as
+    images, and their moments are put back in clip layout (B, 2C, T, h, w), as `diffusers-vae stats` does.
+    """
+    if pixels.ndim == 5 and not adapter.is_video:
+        batch, frames = pixels.shape[0], pixels.shape[2]
+        moments = adapter.encode_moments(pixels.transpose(1, 2).flatten(0, 1))
+        return moments.unflatten(0, (batch, frames)).transpose(1, 2)
+    if pixels.ndim == 4 and adapter.is_video:
+        return adapter.encode_moments(pixels.unsqueeze(2))
+    return adapter.encode_moments(pixels)
+
+
 class Encoder:
-    """Encodes batches to moments in the storage dtype; re-encodes non-finite samples alone in float32."""
+    """Encodes batches to moments in the storage dtype; re-encodes non-finite samples alone in float32.
+
+    Any supported autoencoder class (`autoencoders.as_autoencoder`): posterior classes give moments
+    `cat([mean, logvar])`, deterministic ones (AutoencoderDC, AutoencoderTiny) their latents.
+    """
 
     def __init__(self, vae: torch.nn.Module, device: torch.device, settings: CacheSettings):
         self.storage_dtype = self.encode_dtype = DTYPES[settings.dtype]
+        as_autoencoder(vae)  # an unsupported class fails here, before the copy below
         # The weights as loaded, kept aside before the cast, for the float32 re-encode of non-finite samples.
         self._fp32_source = copy.deepcopy(vae).cpu() if self.encode_dtype != torch.float32 else None
-        self._fp32_vae: torch.nn.Module | None = None
+        self._fp32_vae: AutoencoderAdapter | None = None
         if next(vae.parameters()).dtype != self.encode_dtype:
             # Not `.to(dtype)`: diffusers' override warns about fp32-pinned modules even when there are none.
             vae = {torch.float16: vae.half, torch.bfloat16: vae.bfloat16, torch.float32: vae.float}[
                 self.encode_dtype
             ]()
         self.vae = vae.to(device=device).eval()
+        self.adapter = as_autoencoder(self.vae)
         self.device = device
 
     @torch.no_grad()
-    def _moments(self, vae: torch.nn.Module, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        posterior = vae.encode(pixels.to(self.device, dtype=dtype, non_blocking=True)).latent_dist
-        return torch.cat([posterior.mean, posterior.logvar], dim=1).to(self.storage_dtype).cpu()
+    def _moments(self, adapter: AutoencoderAdapter, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        moments = encode_pixels(adapter, pixels.to(self.device, dtype=dtype, non_blocking=True))
+        return moments.to(self.storage_dtype).cpu()
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
-        """Moments (N, 2C, h, w) and, per sample, None (fine), "float32" (re-encoded) or "non_finite"."""
-        moments = self._moments(self.vae, pixels, self.encode_dtype)
+        """Moments (N, 2C, ...) and, per sample, None (fine), "float32" (re-encoded) or "non_finite"."""
+        moments = self._moments(self.adapter, pixels, self.encode_dtype)
         finite = torch.isfinite(moments).flatten(1).all(dim=1)
         status: list[str | None] = [None] * len(moments)
         for j in torch.nonzero(~finite).flatten().tolist():
@@ -251,11 +286,11 @@ class Encoder:
                 status[j] = "non_finite"
         return moments, status
 
-    def _fallback_vae(self) -> torch.nn.Module:
+    def _fallback_vae(self) -> AutoencoderAdapter:
         if self._fp32_source is None:
-            return self.vae  # already float32
+            return self.adapter  # already float32
         if self._fp32_vae is None:
-            self._fp32_vae = self._fp32_source.float().to(self.device).eval()
+            self._fp32_vae = as_autoencoder(self._fp32_source.float().to(self.device).eval())
         return self._fp32_vae
 
 
@@ -308,15 +343,17 @@ class UnitWriter:
             return len(message["failed"])
         moments, status = self.encoder(message["pixels"])
         run_dtype = self.ctx.provenance["moments"]["encode_dtype"]
-        for sample, (original_size, crop), sample_moments, sample_status in zip(
-            message["samples"], message["geometry"], moments, status
+        extras = message.get("extras") or [{}] * len(message["samples"])
+        for sample, (original_size, crop), extra, sample_moments, sample_status in zip(
+            message["samples"], message["geometry"], extras, moments, status
         ):
             if sample_status == "non_finite":
                 reason = "NaN/Inf latents, also when re-encoded in float32"
                 self.skipped.append(_skip(sample.id, sample.source, "non_finite", reason, sample.position))
                 continue
             self.tensors[sample.id] = sample_moments.contiguous()
-            self.records.append(_record(sample, original_size, crop, sample_moments.shape, sample_status or run_dtype))
+            record = _record(sample, original_size, crop, sample_moments.shape, sample_status or run_dtype)
+            self.records.append({**record, **extra})
             self.encoded += 1
         self._maybe_flush()
         return len(message["samples"]) + len(message["failed"])

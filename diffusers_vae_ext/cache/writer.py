@@ -12,17 +12,19 @@ Engines run the same unit of work (`unit.py`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from ..autoencoders import AutoencoderAdapter, as_autoencoder, load_autoencoder
+from ..video import ClipOptions
 from .format import (
     CACHE_FILE,
     DTYPE_NAMES,
@@ -41,22 +43,20 @@ from .format import (
     provenance_hash,
 )
 from .index import CacheSummary, write_index
-from .sources import Source, open_source
+from .sources import Source, VideoFolderSource, open_source
 from .storage import CacheStore, storage_errors
 from .unit import Encoder, ObjectWriter, UnitContext, encode_messages, read_unit
 
 ENGINES = ("local", "ray")
+# Samples per shard unless given: clips are tens of times larger than images.
+DEFAULT_SHARD_SIZE = {"images": 512, "videos": 32}
 
 
-def _resolve_vae(vae: Any, subfolder: str | None) -> torch.nn.Module:
-    if isinstance(vae, torch.nn.Module):
-        return vae
-    from ..modeling import AutoencoderKL
-
-    path = Path(vae)
-    if subfolder is None and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-        subfolder = "vae"  # a pipeline folder
-    return AutoencoderKL.from_pretrained(vae, subfolder=subfolder or "")
+def _resolve_vae(vae: Any, subfolder: str | None) -> AutoencoderAdapter:
+    """The adapter of a loaded autoencoder, or of the one a folder / hub id names (`load_autoencoder`)."""
+    if isinstance(vae, (torch.nn.Module, AutoencoderAdapter)):
+        return as_autoencoder(vae)
+    return load_autoencoder(vae, subfolder=subfolder or None)
 
 
 def _identity(message: Any) -> Any:
@@ -99,8 +99,9 @@ def run_local_engine(
     )
     writer = ObjectWriter()
     units = 0
+    unit = "clip" if source.kind == VideoFolderSource.kind else "img"
     try:
-        with tqdm(desc="encoding", unit="img", disable=not progress) as bar:
+        with tqdm(desc="encoding", unit=unit, disable=not progress) as bar:
             for _ in encode_messages(loader, ctx, encoder, writer, on_samples=bar.update):
                 units += 1
                 bar.set_postfix(units=units, refresh=False)
@@ -110,7 +111,7 @@ def run_local_engine(
 
 
 def precompute_latents(
-    vae: torch.nn.Module | str | os.PathLike,
+    vae: torch.nn.Module | AutoencoderAdapter | str | os.PathLike,
     output_dir: str | os.PathLike,
     train_data_dir: str | os.PathLike | None = None,
     dataset: Any = None,
@@ -127,8 +128,10 @@ def precompute_latents(
     dtype: str = "fp32",
     batch_size: int = 8,
     num_workers: int = 2,
-    shard_size: int = 512,
+    shard_size: int | None = None,
     unit_size: int | None = None,
+    clip_options: ClipOptions | None = None,
+    image_sequences: bool = False,
     storage_options: dict[str, Any] | None = None,
     engine: str = "local",
     ray_address: str | None = None,
@@ -136,16 +139,24 @@ def precompute_latents(
     overwrite: bool = False,
     progress: bool = True,
 ) -> CacheSummary:
-    """Encode images (folder, webdataset shards, parquet, a `datasets` dataset) into a latent cache, or finish one.
+    """Encode images (folder, webdataset shards, parquet, a `datasets` dataset) or videos into a latent cache.
+
+    An existing cache is finished or resumed. Any supported autoencoder class (`autoencoders.SUPPORTED_CLASSES`):
+    posterior classes store the moments `cat([mean, logvar])`, deterministic ones (AutoencoderDC, AutoencoderTiny)
+    their latents, once (the readers return them without a draw). Video autoencoders store 5-D moments
+    (2C, T', h, w) of clips (images: T' = 1); image autoencoders given videos encode each frame as an image and
+    store (2C, T, h, w), as `diffusers-vae stats` does.
 
     Args:
-        vae: an `AutoencoderKL` (ours or diffusers'), or a folder / hub id to load one from (`vae_subfolder`,
-            detected automatically for a pipeline folder).
+        vae: any supported autoencoder (ours, diffusers', or its `AutoencoderAdapter`), or a folder / hub id to
+            load one from (`autoencoders.load_autoencoder`: the class its config names, safetensors only;
+            `vae_subfolder`, detected automatically for a pipeline folder). `AutoencoderKL` loads ours (fast path).
         output_dir: the cache: a folder or an fsspec URL (`s3://bucket/cache`). An existing cache built with the
             same VAE and settings is resumed (units with a complete manifest are skipped); one built otherwise is
             refused (`CacheMismatchError`) unless `overwrite=True`, which deletes it first.
         train_data_dir: an image folder (recursive; captions from `metadata.jsonl` or sidecar `.txt`/`.caption`),
-            webdataset `.tar` shards (brace pattern, glob, folder or prefix) or `.parquet` files, local or a URL.
+            webdataset `.tar` shards (brace pattern, glob, folder or prefix) or `.parquet` files, local or a URL;
+            or a local folder of videos (`.mp4 .webm .mov .mkv`; image-sequence folders too), read as videos.
         dataset: a `datasets.Dataset`, a folder saved with `save_to_disk`, or a name for `datasets.load_dataset`
             (`dataset_split`).
         image_column, caption_column: the image and caption columns of a dataset or parquet files (default
@@ -155,9 +166,14 @@ def precompute_latents(
         batch_size: images per encoder call (all in one bucket).
         num_workers: DataLoader worker processes that read, decode and resize units while the VAE encodes
             (local engine).
-        shard_size: about this many samples per `.safetensors` shard (whole batches).
-        unit_size: images (folder) or rows (dataset) per unit of work; default `shard_size`. Tars and parquet row
-            groups are units as they are.
+        shard_size: about this many samples per `.safetensors` shard (whole batches); default 512 images or
+            32 clips.
+        unit_size: images (folder), videos (video folder) or rows (dataset) per unit of work; default
+            `shard_size`. Tars and parquet row groups are units as they are.
+        clip_options: how clips are cut from videos (`video.ClipOptions`: `num_frames`, `frame_stride` or `fps`,
+            `max_frames`, `clips_per_video`); default `ClipOptions()` (one clip per video, as many frames as the
+            autoencoder encodes exactly). A `num_frames` the autoencoder cannot encode is refused before any work.
+        image_sequences: read `train_data_dir` as videos even without video files (folders of frames).
         storage_options: fsspec options for the input and output URLs (e.g. `{"endpoint_url": ...}`); by
             default credentials and endpoints come from the environment (`AWS_ENDPOINT_URL`, ...).
         engine: `"local"` (this process, or each process of `accelerate launch`) or `"ray"`.
@@ -179,19 +195,19 @@ def precompute_latents(
     main = state.is_main_process
     if engine == "ray" and state.num_processes > 1:
         raise ValueError("--engine ray runs from one driver process: start it with python, not accelerate launch.")
-    settings = CacheSettings(resolution, center_crop, buckets, flip, max_upscale, dtype)
-    if batch_size < 1 or shard_size < 1:
+    settings = CacheSettings(resolution, center_crop, buckets, flip, max_upscale, dtype)  # checked before work
+    if batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise ValueError(f"batch_size and shard_size must be at least 1, got {batch_size} and {shard_size}.")
 
-    vae = _resolve_vae(vae, vae_subfolder).eval()
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    adapter = _resolve_vae(vae, vae_subfolder)
+    vae = adapter.vae.eval()
+    factor = adapter.size_multiple
     bad_sides = sorted({side for b in settings.bucket_list() for side in b if side % factor})
     if bad_sides:
-        raise ValueError(f"resolution {resolution}: target sides {bad_sides} are not divisible by the VAE's {factor}.")
-    fingerprint = weights_fingerprint(vae)
-    provenance = build_provenance(vae, settings, fingerprint, DTYPE_NAMES[DTYPES[settings.dtype]])
-    prov_hash = provenance_hash(provenance)
-    store = CacheStore(output_dir, storage_options)
+        raise ValueError(
+            f"resolution {resolution}: target sides {bad_sides} are not divisible by {adapter.class_name}'s "
+            f"{factor}: use a multiple of {factor}."
+        )
     with state.main_process_first():  # one process downloads / prepares a hub dataset, the others reuse it
         source = open_source(
             train_data_dir,
@@ -199,9 +215,23 @@ def precompute_latents(
             dataset_split=dataset_split,
             image_column=image_column,
             caption_column=caption_column,
-            unit_size=unit_size or shard_size,
+            unit_size=unit_size or shard_size or DEFAULT_SHARD_SIZE["images"],
             storage_options=storage_options,
+            image_sequences=image_sequences,
         )
+    video = source.kind == VideoFolderSource.kind
+    if video:
+        clip_options = clip_options or ClipOptions()
+        clip_options.check(adapter.frame_multiple, adapter.class_name)
+        shard_size = shard_size or DEFAULT_SHARD_SIZE["videos"]
+        if unit_size is None:  # units of as many videos as a shard holds clips (the listing is read lazily)
+            source.unit_size = shard_size
+    shard_size = shard_size or DEFAULT_SHARD_SIZE["images"]
+    settings = dataclasses.replace(settings, video=clip_options if video else None)
+    fingerprint = weights_fingerprint(vae)
+    provenance = build_provenance(adapter, settings, fingerprint, DTYPE_NAMES[DTYPES[settings.dtype]])
+    prov_hash = provenance_hash(provenance)
+    store = CacheStore(output_dir, storage_options)
 
     # 1. Refuse a cache built otherwise (every process reads the same file, so all raise together).
     with storage_errors(store.url, "read"):
@@ -247,8 +277,9 @@ def precompute_latents(
         provenance_hash=prov_hash,
         batch_size=batch_size,
         shard_size=shard_size,
-        in_channels=vae.config.in_channels,
+        in_channels=adapter.in_channels,
         run_id=prepared[0],
+        frame_multiple=adapter.frame_multiple,
     )
 
     # 2. The units.

@@ -6,6 +6,8 @@
   `.tar` files -> `TarSource` (webdataset, one unit per tar);
 - the same holding `.parquet` files -> `ParquetSource` (one unit per row group);
 - a folder / prefix of images -> `FolderSource` (units of `unit_size` images of the sorted listing);
+- a local folder holding video files (or, with `image_sequences`, folders of frames) -> `VideoFolderSource` (units
+  of `unit_size` videos; the clips are planned and decoded by `cache/clips.py`);
 - a `datasets.Dataset`, a `save_to_disk` folder or a hub name -> `DatasetSource` (units of `unit_size` rows).
 
 Every path goes through fsspec (`s3://`, `gs://`, `file://`, plain paths); credentials and endpoints come from the
@@ -24,12 +26,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...data import open_dataset
+from ...video import VIDEO_EXTENSIONS
 from ..storage import storage_errors, url_to_fs
 from .base import Source, SourceItem, Unit, broken_unit_items, content_hash, file_version, probe_size
 from .folder import FolderSource
 from .parquet import ParquetSource
 from .rows import DatasetSource
 from .tars import TAR_SUFFIXES, TarSource
+from .videos import VideoFolderSource, video_content_hash
 
 __all__ = [
     "DatasetSource",
@@ -39,6 +43,7 @@ __all__ = [
     "SourceItem",
     "TarSource",
     "Unit",
+    "VideoFolderSource",
     "broken_unit_items",
     "content_hash",
     "file_version",
@@ -46,6 +51,7 @@ __all__ = [
     "open_source",
     "probe_size",
     "read_unit_items",
+    "video_content_hash",
 ]
 
 _GLOB_CHARS = "*?["
@@ -85,6 +91,7 @@ def open_source(
     caption_column: str | None = None,
     unit_size: int = 512,
     storage_options: dict[str, Any] | None = None,
+    image_sequences: bool = False,
 ) -> Source:
     """The source behind `train_data_dir` (folder, URL, pattern) or `dataset` (see the module docstring).
 
@@ -97,6 +104,8 @@ def open_source(
             json field (webdataset).
         unit_size: images per unit of a folder, rows per unit of a dataset.
         storage_options: fsspec options for URLs (e.g. `{"endpoint_url": ..., "anon": true}`).
+        image_sequences: read `train_data_dir` as videos even when it holds no video file (folders of frames are
+            videos). A local folder holding video files is read as videos anyway (as `diffusers-vae stats` does).
     """
     if (train_data_dir is None) == (dataset is None):
         raise ValueError("Give exactly one input: an image folder or shards (train_data_dir) or a dataset.")
@@ -111,7 +120,7 @@ def open_source(
 
     url = str(train_data_dir)
     try:
-        return _open_files(url, image_column, caption_column, unit_size, storage_options)
+        return _open_files(url, image_column, caption_column, unit_size, storage_options, image_sequences)
     except FileNotFoundError as err:
         if url in str(err):
             raise
@@ -119,7 +128,9 @@ def open_source(
         raise FileNotFoundError(f"Cannot read {url!r}: {err}. Check the bucket name and the path.") from err
 
 
-def _open_files(url: str, image_column, caption_column, unit_size: int, storage_options) -> Source:
+def _open_files(
+    url: str, image_column, caption_column, unit_size: int, storage_options, image_sequences: bool = False
+) -> Source:
     with storage_errors(url, "read"):
         fs, path = url_to_fs(url, storage_options)
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
@@ -159,6 +170,13 @@ def _open_files(url: str, image_column, caption_column, unit_size: int, storage_
                 "(a misspelled bucket or prefix looks like this too)."
             )
     root = path.rstrip("/")
+    if image_sequences or any(p.lower().endswith(VIDEO_EXTENSIONS) for p in listing):
+        if not local:
+            raise ValueError(
+                f"{url!r} holds videos: videos are read from a local folder (PyAV seeks in the file). Copy or mount "
+                "them locally (e.g. s3fs / gcsfuse) and point --train_data_dir there."
+            )
+        return VideoFolderSource(path, unit_size, caption_column)
     tars = [(p, info) for p, info in listing.items() if p.endswith(TAR_SUFFIXES)]
     if tars:
         return _shard_source(fs, shown, tars, root, image_column, caption_column, storage_options)
@@ -177,7 +195,8 @@ def iter_source_items(train_data_dir: str | os.PathLike | None = None, dataset: 
     """Every item of a source, unit after unit: `SourceItem(label, data, caption, extra, error)`.
 
     Takes `open_source`'s arguments. Items with `error` set (no image, unreadable file) carry no bytes; decode the
-    others with `diffusers_vae_ext.data.load_image_rgb(io.BytesIO(item.data))`.
+    others with `diffusers_vae_ext.data.load_image_rgb(io.BytesIO(item.data))`. Items of a video folder carry no
+    bytes either: `item.extra["path"]` is the video file or frame folder (read it with `diffusers_vae_ext.video`).
     """
     source = open_source(train_data_dir, dataset, **kwargs)
     for unit in source.units():

@@ -5,12 +5,33 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ...data import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
 from ..storage import storage_errors
 from .base import Source, SourceItem, Unit, file_version, is_image_name
+
+
+def metadata_captions(fs: Any, root: str, url: str, files: Iterable[str], caption_column: str) -> dict[str, str]:
+    """Captions from every `metadata.jsonl` under `root` (`files`: paths relative to it), keyed by the relative
+    path its `file_name` names (resolved against the metadata file's folder)."""
+    captions: dict[str, str] = {}
+    for name in sorted(n for n in files if posixpath.basename(n) == "metadata.jsonl"):
+        base = posixpath.dirname(name)
+        with storage_errors(url, "read"):
+            text = fs.cat_file(f"{root}/{name}").decode("utf-8")
+        for line_number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{url}/{name}:{line_number}: not valid JSON ({err}).") from err
+            if "file_name" in record:
+                key = posixpath.normpath(posixpath.join(base, record["file_name"]))
+                captions[key] = str(record.get(caption_column, ""))
+    return captions
 
 
 class FolderSource(Source):
@@ -49,7 +70,7 @@ class FolderSource(Source):
                 ".tar and .parquet files). Point --train_data_dir at a folder of images or shards."
             )
         self.versions = [file_version(files[label]) for label in self.labels]
-        self.captions = self._metadata_captions(files, caption_column or "text")
+        self.captions = metadata_captions(self.fs, self.root, self.url, files, caption_column or "text")
         # Sidecar captions are read with their image (one request each on an object store), not during listing.
         self.sidecars: dict[str, tuple[str, str]] = {}
         for label in self.labels:
@@ -60,24 +81,6 @@ class FolderSource(Source):
                 if stem + extension in files:
                     self.sidecars[label] = (stem + extension, file_version(files[stem + extension]))
                     break
-
-    def _metadata_captions(self, files: dict[str, dict], caption_column: str) -> dict[str, str]:
-        captions: dict[str, str] = {}
-        for name in sorted(n for n in files if posixpath.basename(n) == "metadata.jsonl"):
-            base = posixpath.dirname(name)
-            with storage_errors(self.url, "read"):
-                text = self.fs.cat_file(f"{self.root}/{name}").decode("utf-8")
-            for line_number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{self.url}/{name}:{line_number}: not valid JSON ({err}).") from err
-                if "file_name" in record:
-                    key = posixpath.normpath(posixpath.join(base, record["file_name"]))
-                    captions[key] = str(record.get(caption_column, ""))
-        return captions
 
     def __len__(self) -> int:
         return len(self.labels)
