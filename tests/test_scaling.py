@@ -540,6 +540,8 @@ def test_cache_dir_reads_unscaled_latents_through_the_cache_reader(stats_folders
             return {"latents": latents[index].float(), "caption": ""}
 
     monkeypatch.setattr(stats_module, "LatentCacheDataset", StandInCacheDataset)
+    # An image cache (not clips), as `cache.json` of a real one would say.
+    monkeypatch.setattr(stats_module, "load_cache_info", lambda url: {"provenance": {"preprocessing": {}}})
     record = stats_module.run_stats(
         str(vae), cache_dir="some/cache", sample_posterior=False, seed=3, show_progress=False
     )
