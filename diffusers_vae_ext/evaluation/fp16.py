@@ -64,14 +64,27 @@ class ActivationMonitor:
 
     Args:
         model: the module to watch (e.g. `adapter.vae`).
-        keep_outputs: also keep every hooked output tensor in `outputs` (cleared with `reset()`).
+        keep_outputs: also keep every hooked output tensor in `outputs` (cleared with `reset()`), only while
+            autograd records (training steps, not validation).
         module_types: only hook modules of these types (default: all submodules that are not plain containers).
+        group: maps a module name to the name its numbers are recorded under (default `block_name`; the identity
+            records per module).
+        record_stats: record `max_abs`/`nonfinite` (a pass over each output; off for a training penalty).
     """
 
-    def __init__(self, model: nn.Module, keep_outputs: bool = False, module_types: tuple[type, ...] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        keep_outputs: bool = False,
+        module_types: tuple[type, ...] | None = None,
+        group=block_name,
+        record_stats: bool = True,
+    ):
         self.model = model
         self.keep_outputs = keep_outputs
         self.module_types = module_types
+        self.group = group
+        self.record_stats = record_stats
         self._handles: list[Any] = []
         self.reset()
 
@@ -98,14 +111,16 @@ class ActivationMonitor:
         self._handles.clear()
 
     def _hook(self, name: str):
-        block = block_name(name)
+        block = self.group(name)
 
         def hook(module, inputs, output):
             for tensor in _tensors(output):
                 if not tensor.is_floating_point() or tensor.numel() == 0:
                     continue
-                if self.keep_outputs:
+                if self.keep_outputs and torch.is_grad_enabled():
                     self.outputs.append((block, tensor))
+                if not self.record_stats:
+                    continue
                 detached = tensor.detach()
                 finite = torch.isfinite(detached)
                 all_finite = bool(finite.all())
