@@ -46,7 +46,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .scaling import run_stats
+    from .stats import run_stats
 
     try:
         run_stats(
