@@ -114,15 +114,15 @@ def open_images(
         photos = sample_photos()
         items = (_Item(i, f"{name}.png", image=image) for i, (name, image) in enumerate(photos.items()))
         return len(photos), items, "scikit-image's built-in sample photos"
-    from ..cache import _label, _open_source
+    from ..cache.sources import open_source, source_label
 
-    source = _open_source(train_data_dir, dataset_name, dataset_split, image_column, None)
+    source = open_source(train_data_dir, dataset_name, dataset_split, image_column, None)
 
     def items() -> Iterator[_Item]:
         import io
 
         for index in range(len(source)):
-            name = _label(source, index)
+            name = source_label(source, index)
             try:
                 data, _ = source.read(index)
                 yield _Item(index, name, image=load_image_rgb(io.BytesIO(data)))
