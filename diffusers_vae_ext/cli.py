@@ -165,7 +165,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             seed=args.seed,
             show_progress=not args.no_progress,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: diffusers' "no such model folder or repo"
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -72,10 +72,12 @@ class HeadlessBrowser:
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
         flags = [*HEADLESS_FLAGS, f"--user-data-dir={self._profile}", "--remote-debugging-pipe", "about:blank"]
-        # The pipe ends must be fds 3 and 4 in the browser; the shell's redirections put them there.
+        # The pipe ends must be fds 3 and 4 in the browser; a shell's redirections put them there (bash: POSIX sh
+        # only takes single-digit fd numbers).
+        shell = shutil.which("bash") or "/bin/sh"
         command = f'exec "$0" "$@" 3<&{to_browser_read} 4>&{from_browser_write}'
         self._process = subprocess.Popen(
-            ["/bin/sh", "-c", command, self.executable, *flags],
+            [shell, "-c", command, self.executable, *flags],
             pass_fds=(to_browser_read, from_browser_write),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

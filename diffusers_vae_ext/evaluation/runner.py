@@ -303,7 +303,7 @@ def evaluate(
             neither: the built-in sample photos.
         resolution: images are resized (short side) and centre-cropped to this square; it must be divisible by
             every VAE's spatial factor.
-        num_images: evaluate only the first this many images (default: all).
+        num_images: evaluate only the first this many readable images (default: all).
         batch_size: images per encode/decode call.
         lpips_weights: the safetensors file of `diffusers-vae convert-lpips` (LPIPS is skipped without it).
         inception_weights: the safetensors file of `diffusers-vae convert-inception` (rFID is skipped without it).
@@ -374,10 +374,10 @@ def evaluate(
         for item in items:
             if taken >= total:
                 break
-            taken += 1
             if item.error is not None:
                 skipped.append({"image": item.name, "reason": item.error})
                 continue
+            taken += 1
             crop, _ = resize_and_crop(item.image, (resolution, resolution), center_crop=True)
             batch.append((item, to_model_channels(pil_to_tensor(crop), channels)))
             if len(batch) == batch_size:
