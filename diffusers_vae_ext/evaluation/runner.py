@@ -22,6 +22,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,8 +388,12 @@ def evaluate(
             yield batch
 
     progress = tqdm(total=total, desc="eval", unit="img", disable=not show_progress)
+    # One helper thread reads and resizes the next batch and writes the patch PNGs while the VAEs run (PIL and
+    # file I/O release the GIL); everything stays in order because it has a single worker.
+    io_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-io")
+    pending: list[Future] = []
     try:
-        for batch in batches():
+        for batch in _prefetched(batches(), io_thread):
             pixels = torch.stack([tensor for _, tensor in batch])
             if check_fp16 and sum(p.shape[0] for p in fp16_pixels) < fp16_images:
                 fp16_pixels.append(pixels[: fp16_images - sum(p.shape[0] for p in fp16_pixels)])
@@ -457,9 +462,15 @@ def evaluate(
             writer.write(batch_rows)
             rows.extend(batch_rows)
             if save_patches:
-                patches.extend(_save_patches(output_dir, batch, pixels, entries, reconstructions, patch_size))
+                records, writes = _patches(batch, pixels, entries, reconstructions, patch_size)
+                patches.extend(records)
+                pending.append(io_thread.submit(_write_images, output_dir, writes))
+            pending = [future for future in pending if not future.done() or future.result()]
             progress.update(len(batch))
+        for future in pending:
+            future.result()  # raises a failed write
     finally:
+        io_thread.shutdown(wait=True)
         progress.close()
         writer.close()
 
@@ -553,19 +564,35 @@ def _latent_summary(adapter: Any, stats: LatentStatistics, scaled: LatentStatist
     }
 
 
-def _save_patches(
-    output_dir: Path,
+def _prefetched(iterator: Iterator[Any], pool: ThreadPoolExecutor) -> Iterator[Any]:
+    """`iterator`'s items, each fetched in `pool` while the caller works on the previous one."""
+    sentinel = object()
+    future = pool.submit(next, iterator, sentinel)
+    while True:
+        item = future.result()
+        if item is sentinel:
+            return
+        future = pool.submit(next, iterator, sentinel)
+        yield item
+
+
+def _write_images(output_dir: Path, writes: list[tuple[str, Image.Image]]) -> None:
+    for name, image in writes:
+        image.save(output_dir / name)
+
+
+def _patches(
     batch: list[tuple[_Item, torch.Tensor]],
     pixels: torch.Tensor,
     entries: list[EvalVAE],
     reconstructions: dict[str, torch.Tensor],
     patch_size: int,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[tuple[str, Image.Image]]]:
     """Per image: the patch where the VAEs do worst on average, as 1:1 crops (original, each reconstruction)
-    and a heat map of each VAE's error there. Returns one record per image with the PNG paths."""
+    and a heat map of each VAE's error there. Returns one record per image and the (path, image) to write."""
     # |error| averaged over channels, on the [0, 1] scale.
     errors = {e.label: (reconstructions[e.label] - pixels).abs().mean(1) / 2 for e in entries}
-    saved = []
+    records, writes = [], []
     for k, (item, _) in enumerate(batch):
         mean_error = torch.stack([errors[e.label][k] for e in entries]).mean(0)
         top, left = worst_patch(mean_error, patch_size)
@@ -573,18 +600,18 @@ def _save_patches(
         rows, cols = slice(top, top + size), slice(left, left + size)
         stem = f"{item.index:05d}"
         original = f"{IMAGES_DIR}/{stem}_original.png"
-        tensor_to_pil(pixels[k][:, rows, cols]).save(output_dir / original)
+        writes.append((original, tensor_to_pil(pixels[k][:, rows, cols])))
         record = {"image": item.name, "index": item.index, "top": top, "left": left, "size": size}
         record.update(original=original, vaes={})
         for entry in entries:
             crop_name = f"{IMAGES_DIR}/{stem}_{entry.slug}.png"
             heat_name = f"{IMAGES_DIR}/{stem}_{entry.slug}_error.png"
-            tensor_to_pil(reconstructions[entry.label][k][:, rows, cols]).save(output_dir / crop_name)
-            _heatmap(errors[entry.label][k][rows, cols]).save(output_dir / heat_name)
+            writes.append((crop_name, tensor_to_pil(reconstructions[entry.label][k][:, rows, cols])))
+            writes.append((heat_name, _heatmap(errors[entry.label][k][rows, cols])))
             record["vaes"][entry.label] = {
                 "crop": crop_name,
                 "error": heat_name,
                 "patch_error": float(errors[entry.label][k][rows, cols].mean()),
             }
-        saved.append(record)
-    return saved
+        records.append(record)
+    return records, writes
