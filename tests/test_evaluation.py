@@ -19,7 +19,9 @@ from diffusers_vae_ext.evaluation import EvalVAE, evaluate, write_report
 from diffusers_vae_ext.evaluation.adapter import as_adapter
 from diffusers_vae_ext.evaluation.fid import feature_statistics, frechet_distance, frechet_distance_of_features
 from diffusers_vae_ext.evaluation.inception import FIDInceptionV3, load_inception
-from diffusers_vae_ext.evaluation.runner import parse_vae_spec, summarize_metric, worst_patch
+from diffusers_vae_ext.evaluation.inputs import parse_vae_spec
+from diffusers_vae_ext.evaluation.patches import worst_patch
+from diffusers_vae_ext.evaluation.results import summarize_metric
 from diffusers_vae_ext.losses import LPIPS
 from diffusers_vae_ext.metrics import psnr, ssim
 

@@ -20,8 +20,10 @@ from typing import Any
 from .fid import frechet_distance, frechet_distance_of_features
 from .fp16 import check_half_precision, format_half_precision
 from .inception import FIDInceptionV3, convert_inception_weights, load_inception
+from .inputs import EvalVAE, load_vaes
 from .report import write_html, write_markdown, write_report
-from .runner import EvalResult, EvalVAE, evaluate, load_vaes
+from .results import EvalResult
+from .runner import evaluate
 
 __all__ = [
     "EvalResult",

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .runner import EvalResult, MetricSummary, VAEResult
+from .results import EvalResult, MetricSummary, VAEResult
 
 # (key, header, digits, higher is better)
 _METRIC_COLUMNS = (

@@ -1,0 +1,132 @@
+"""What the evaluation reads: the VAEs (`--vae PATH` or `LABEL=PATH`) and the images.
+
+Folders and datasets go through the latent cache's source layer (`cache.sources`: same labels, same raw-byte
+reading) and every image is decoded with `data.load_image_rgb`, so odd files behave as in the cache; with neither,
+the built-in sample photos are used.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..data import UnreadableImageError, load_image_rgb, pil_to_tensor, resize_and_crop, to_model_channels
+from .adapter import load_adapter
+
+
+@dataclass
+class EvalVAE:
+    """A VAE under evaluation: its `label` in the report, its adapter (`evaluation.adapter`) and its source."""
+
+    label: str
+    adapter: Any
+    source: str = ""
+
+    @property
+    def slug(self) -> str:
+        """The label made safe for file names."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label).strip("_") or "vae"
+
+
+def parse_vae_spec(spec: str) -> tuple[str | None, str]:
+    """`"LABEL=PATH"` or `"PATH"` -> (label or None, path). An existing path containing "=" stays a path."""
+    if "=" in spec and not Path(spec).exists():
+        label, path = spec.split("=", 1)
+        if not label or not path:
+            raise ValueError(f"--vae {spec!r}: expected PATH or LABEL=PATH.")
+        return label, path
+    return None, spec
+
+
+def load_vaes(specs: Sequence[str], device: str | torch.device = "cpu") -> list[EvalVAE]:
+    """Load each `--vae` spec (see `parse_vae_spec`) on `device`; labels default to the folder name, made unique."""
+    vaes, used = [], set()
+    for spec in specs:
+        label, path = parse_vae_spec(spec)
+        label = label or Path(path).resolve().name or path
+        base, counter = label, 2
+        while label in used:
+            label, counter = f"{base}-{counter}", counter + 1
+        used.add(label)
+        adapter = load_adapter(path)
+        adapter.vae.to(device)
+        vaes.append(EvalVAE(label=label, adapter=adapter, source=str(path)))
+    return vaes
+
+
+@dataclass
+class ImageItem:
+    """One source image: its position, its name (relative path, `row<N>` or photo name), the image or an error."""
+
+    index: int
+    name: str
+    image: Image.Image | None = None
+    error: str | None = None
+
+
+def open_images(
+    train_data_dir: str | os.PathLike | None = None,
+    dataset_name: str | os.PathLike | None = None,
+    dataset_split: str = "train",
+    image_column: str | None = None,
+) -> tuple[int, Iterator[ImageItem], str]:
+    """(count, items, description) of an image folder, a `datasets` dataset, or the built-in sample photos.
+
+    Items are read lazily, in the source's order; an unreadable one comes back with `error` set (the reason).
+    """
+    if train_data_dir is None and dataset_name is None:
+        from ..data import sample_photos
+
+        photos = sample_photos()
+        items = (ImageItem(i, f"{name}.png", image=image) for i, (name, image) in enumerate(photos.items()))
+        return len(photos), items, "scikit-image's built-in sample photos"
+    from ..cache.sources import open_source, source_label
+
+    source = open_source(train_data_dir, dataset_name, dataset_split, image_column, None)
+
+    def items() -> Iterator[ImageItem]:
+        for index in range(len(source)):
+            name = source_label(source, index)
+            try:
+                data, _ = source.read(index)
+                yield ImageItem(index, name, image=load_image_rgb(io.BytesIO(data)))
+            except (OSError, UnreadableImageError) as err:
+                yield ImageItem(index, name, error=getattr(err, "reason", None) or str(err))
+
+    where = train_data_dir if train_data_dir is not None else dataset_name
+    return len(source), items(), str(where)
+
+
+def image_batches(
+    items: Iterator[ImageItem],
+    limit: int,
+    resolution: int,
+    channels: int,
+    batch_size: int,
+    skipped: list[dict[str, str]],
+) -> Iterator[list[tuple[ImageItem, torch.Tensor]]]:
+    """Batches of (item, pixels) for the first `limit` readable items: short side resized to `resolution`, centre
+    crop, [-1, 1], `channels` channels. Unreadable items are appended to `skipped` and not counted."""
+    batch, taken = [], 0
+    for item in items:
+        if taken >= limit:
+            break
+        if item.error is not None:
+            skipped.append({"image": item.name, "reason": item.error})
+            continue
+        taken += 1
+        crop, _ = resize_and_crop(item.image, (resolution, resolution), center_crop=True)
+        batch.append((item, to_model_channels(pil_to_tensor(crop), channels)))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
