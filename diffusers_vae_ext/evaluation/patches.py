@@ -13,15 +13,16 @@ from PIL import Image
 from ..data import tensor_to_pil
 
 IMAGES_DIR = "images"
-# Heat maps: |error| averaged over channels, on the [0, 1] pixel scale; this value and above is white.
-HEATMAP_MAX = 0.2
+# Heat maps show |error| averaged over channels on the [0, 1] pixel scale, from 0 (black) to a top value (white)
+# chosen per image and shared by all VAEs: the largest 99th percentile of their errors in the patch, at least this.
+MIN_HEATMAP_TOP = 0.01
 
 
-def heatmap(error: torch.Tensor) -> Image.Image:
-    """(H, W) |error| on the [0, 1] scale -> an RGB heat map (magma; 0 black, >= HEATMAP_MAX white)."""
+def heatmap(error: torch.Tensor, top: float) -> Image.Image:
+    """(H, W) |error| on the [0, 1] scale -> an RGB heat map (magma; 0 black, >= `top` white)."""
     from matplotlib import colormaps
 
-    values = (error.clamp(0, HEATMAP_MAX) / HEATMAP_MAX).numpy()
+    values = (error.clamp(0, top) / top).numpy()
     rgb = colormaps["magma"](values)[..., :3]
     return Image.fromarray((rgb * 255 + 0.5).astype(np.uint8))
 
@@ -57,13 +58,15 @@ def worst_patches(
         stem = f"{item.index:05d}"
         original = f"{IMAGES_DIR}/{stem}_original.png"
         writes.append((original, tensor_to_pil(pixels[k][:, rows, cols])))
+        in_patch = torch.stack([error[k][rows, cols].flatten() for error in errors.values()])
+        heat_top = max(float(in_patch.quantile(0.99, dim=1).max()), MIN_HEATMAP_TOP)
         record = {"image": item.name, "index": item.index, "top": top, "left": left, "size": size}
-        record.update(original=original, vaes={})
+        record.update(original=original, heat_top=heat_top, vaes={})
         for label, recon in reconstructions.items():
             crop_name = f"{IMAGES_DIR}/{stem}_{slugs[label]}.png"
             heat_name = f"{IMAGES_DIR}/{stem}_{slugs[label]}_error.png"
             writes.append((crop_name, tensor_to_pil(recon[k][:, rows, cols])))
-            writes.append((heat_name, heatmap(errors[label][k][rows, cols])))
+            writes.append((heat_name, heatmap(errors[label][k][rows, cols], heat_top)))
             record["vaes"][label] = {
                 "crop": crop_name,
                 "error": heat_name,

@@ -42,6 +42,8 @@ METRIC_HELP = {
 def _number(value: float | None, digits: int) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
+    if abs(value) >= 1e6:  # e.g. the KL of a posterior whose variance blew up
+        return f"{value:.3g}"
     return f"{value:.{digits}f}"
 
 
@@ -50,7 +52,7 @@ def _with_ci(summary: MetricSummary | None, digits: int) -> str:
         return "n/a"
     if not math.isfinite(summary.ci95):
         return _number(summary.mean, digits)
-    return f"{summary.mean:.{digits}f} ± {summary.ci95:.{digits}f}"
+    return f"{_number(summary.mean, digits)} ± {_number(summary.ci95, digits)}"
 
 
 def _fp16_verdict(result: VAEResult, dtype: str) -> str:
@@ -130,6 +132,7 @@ tbody tr:nth-child(even) { background: #fafafc; }
 td.best { background: #dff3e4; font-weight: 600; }
 td.bad { background: #fde2e1; }
 td.img { padding: 2px; } td.img img { display: block; image-rendering: pixelated; }
+td.img .scale { font-size: 11px; color: #555; text-align: center; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 4px 16px; } dt { font-weight: 600; }
 .legend { display: inline-block; width: 160px; height: 12px; vertical-align: middle;
           background: linear-gradient(to right, #000004, #3b0f70, #8c2981, #de4968, #fe9f6d, #fcfdbf); }
@@ -247,7 +250,8 @@ def _image_table(result: EvalResult) -> str:
             if patches:
                 vae_patch = (patch or {}).get("vaes", {}).get(label, {})
                 out.append(_image_cell(vae_patch.get("crop"), f"{label} reconstruction"))
-                out.append(_image_cell(vae_patch.get("error"), f"{label} error", vae_patch.get("patch_error")))
+                scale = f"0 to {patch['heat_top']:.3g}" if patch else None
+                out.append(_image_cell(vae_patch.get("error"), f"{label} error", vae_patch.get("patch_error"), scale))
             out.append(_cell(_number(row.get("psnr"), 2), row.get("psnr")))
             out.append(_cell(_number(row.get("ssim"), 4), row.get("ssim")))
             if has_lpips:
@@ -257,11 +261,13 @@ def _image_table(result: EvalResult) -> str:
     return "".join(out)
 
 
-def _image_cell(path: str | None, alt: str, value: float | None = None) -> str:
+def _image_cell(path: str | None, alt: str, value: float | None = None, caption: str | None = None) -> str:
     if path is None:
         return "<td></td>"
     data = "" if value is None else f' data-value="{value:.6g}"'
-    return f'<td class="img"{data}><img src="{html.escape(path)}" alt="{html.escape(alt)}" loading="lazy"></td>'
+    below = f'<div class="scale">{html.escape(caption)}</div>' if caption else ""
+    image = f'<img src="{html.escape(path)}" alt="{html.escape(alt)}" loading="lazy">'
+    return f'<td class="img"{data}>{image}{below}</td>'
 
 
 def _half_precision_section(result: EvalResult) -> str:
@@ -362,7 +368,8 @@ interval over images; best value per column in green. Click a column header to s
 {_summary_table(result)}
 <h2>Per image</h2>
 <p class="meta">Crops: the {settings["patch_size"]}x{settings["patch_size"]} patch where the VAEs do worst on average, at 1:1.
-Heat map: |error| per pixel on the [0, 1] scale <span class="legend"></span> 0 to {settings["heatmap_max"]}+.</p>
+Heat map: |error| per pixel on the [0, 1] scale, <span class="legend"></span> from 0 to the value under it (per image, the
+same for every VAE so their maps compare; sorting an error column sorts by the mean error in the patch).</p>
 {_image_table(result)}
 {_half_precision_section(result)}
 {_latent_section(result)}

@@ -33,7 +33,7 @@ from ..metrics import psnr, ssim
 from ..scaling import LatentStatistics, posterior_seed, scaling_convention
 from .adapter import as_adapter
 from .inputs import EvalVAE, ImageItem, image_batches, open_images
-from .patches import HEATMAP_MAX, IMAGES_DIR, worst_patches, write_images
+from .patches import IMAGES_DIR, worst_patches, write_images
 from .results import EvalResult, VAEResult, summarize_metric
 
 METRICS = ("psnr", "ssim", "lpips", "kl")
@@ -369,7 +369,6 @@ def evaluate(
         "check_fp16": check_fp16,
         "fp16_images": sum(p.shape[0] for p in fp16_pixels),
         "seed": seed,
-        "heatmap_max": HEATMAP_MAX,
         "device": str(next(entries[0].adapter.vae.parameters()).device),
     }
     result = EvalResult(results, rows, patches, skipped, settings, output_dir, time.perf_counter() - started)
