@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from diffusers_vae_ext import AutoencoderKL
+from diffusers_vae_ext.autoencoders import as_autoencoder
 from diffusers_vae_ext.data import list_image_files, load_image_rgb, pil_to_tensor, resize_and_crop, sample_photos
 from diffusers_vae_ext.evaluation import EvalVAE, evaluate, load_vaes, write_report
-from diffusers_vae_ext.evaluation.adapter import as_adapter
 from diffusers_vae_ext.training import load_model_config
 
 
@@ -82,7 +82,7 @@ def main() -> None:
         vaes = []
         for seed in (0, 1):
             torch.manual_seed(seed)
-            vaes.append(EvalVAE(f"demo-{seed}", as_adapter(AutoencoderKL.from_config(config).eval().to(device))))
+            vaes.append(EvalVAE(f"demo-{seed}", as_autoencoder(AutoencoderKL.from_config(config).eval().to(device))))
     workdir = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     try:
         photos = workdir / "photos"

@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae",
         action="append",
         required=True,
-        help="a VAE folder (or pipeline folder), optionally labelled: LABEL=PATH; repeat for several",
+        help="a VAE folder of any supported class (by its config's _class_name; a pipeline folder's vae/ is found), "
+        "optionally labelled: LABEL=PATH; repeat for several",
     )
     eval_input = evaluate.add_mutually_exclusive_group()
     eval_input.add_argument("--train_data_dir", default=None, help="image folder (recursive)")

@@ -348,14 +348,14 @@ class FP16SafeRecipe:
     def finish(self, vae: nn.Module, pixels: torch.Tensor, output_dir: str | Path) -> dict[str, Any]:
         """Check the trained VAE in float16/bfloat16 on held-out `pixels`, write `fp16_check.json`, and set
         `force_upcast: false` in `output_dir/config.json` when float16 is safe. Returns the float16 report."""
-        from .evaluation.adapter import as_adapter
+        from .autoencoders import as_autoencoder
         from .evaluation.fp16 import check_half_precision, format_half_precision
         from .scaling import _atomic_write_text
 
         self.close()
         was_training = vae.training
         vae.eval()
-        reports = check_half_precision(as_adapter(vae), pixels.to(next(vae.parameters()).device))
+        reports = check_half_precision(as_autoencoder(vae), pixels.to(next(vae.parameters()).device))
         vae.train(was_training)
         output_dir = Path(output_dir)
         (output_dir / "fp16_check.json").write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")

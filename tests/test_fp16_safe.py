@@ -11,8 +11,8 @@ import torch
 from conftest import photo_batch
 
 from diffusers_vae_ext import AutoencoderKL, training
+from diffusers_vae_ext.autoencoders import as_autoencoder
 from diffusers_vae_ext.data import write_sample_photos
-from diffusers_vae_ext.evaluation.adapter import as_adapter
 from diffusers_vae_ext.evaluation.fp16 import ActivationMonitor, block_name, check_half_precision
 from diffusers_vae_ext.fp16_safe import activation_penalty, rescale_activations
 from diffusers_vae_ext.metrics import psnr
@@ -28,6 +28,15 @@ TINY = dict(
     scaling_factor=1.0,
 )
 CONV1 = "decoder.up_blocks.1.resnets.0.conv1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """Tiny models: one thread avoids OpenMP wake-up waits that dominate on a busy shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)
@@ -86,14 +95,14 @@ def test_check_finds_and_locates_a_float16_overflow_that_float32_hides():
     pixels = photo_batch(32, ("astronaut", "coffee"))
     vae = tiny_vae()
     reference = reconstruct(vae, pixels)
-    report = check_half_precision(as_adapter(vae), pixels)
+    report = check_half_precision(as_autoencoder(vae), pixels)
     assert [r.verdict for r in report] == ["safe", "safe"]
     assert report[0].decode_psnr > 40 and report[1].decode_psnr > 30
 
     make_overflowing(vae)
     # float32 cannot tell: the output is the same to float rounding.
     assert psnr(reference, reconstruct(vae, pixels)).min() > 80
-    float16, bfloat16 = check_half_precision(as_adapter(vae), pixels)
+    float16, bfloat16 = check_half_precision(as_autoencoder(vae), pixels)
     # decode() of the float32 latents overflows first at post_quant_conv.
     assert float16.verdict == "overflows in float16 at post_quant_conv"
     assert not float16.safe and float16.overflow_block == "post_quant_conv"
@@ -118,7 +127,7 @@ def test_rescaling_is_exact_in_float32_and_removes_the_overflow():
     with ActivationMonitor(vae) as monitor, torch.no_grad():
         reconstruct(vae, pixels)
     assert max(monitor.max_abs.values()) <= 4096
-    assert check_half_precision(as_adapter(vae), pixels, ("float16",))[0].safe
+    assert check_half_precision(as_autoencoder(vae), pixels, ("float16",))[0].safe
     # Nothing to do on a VAE that is already safe.
     assert rescale_activations(tiny_vae(), pixels) == []
 
@@ -168,4 +177,4 @@ def test_fp16_safe_finetuning_fixes_an_overflowing_vae(tmp_path):
     for output in (decoded, roundtrip):
         assert torch.isfinite(output).all()
         assert psnr(target, output).min() >= 30
-    assert check_half_precision(as_adapter(student), pixels, ("float16",))[0].verdict == "safe"
+    assert check_half_precision(as_autoencoder(student), pixels, ("float16",))[0].verdict == "safe"

@@ -11,8 +11,8 @@ import torch
 from conftest import make_vae
 from PIL import Image
 
+from diffusers_vae_ext.autoencoders import as_autoencoder
 from diffusers_vae_ext.evaluation import EvalVAE, evaluate, write_report
-from diffusers_vae_ext.evaluation.adapter import as_adapter
 from diffusers_vae_ext.evaluation.browser import HeadlessBrowser, find_browser
 
 
@@ -21,7 +21,7 @@ def report(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny inputs
     out = tmp_path_factory.mktemp("report")
-    vaes = [EvalVAE("base", as_adapter(make_vae(0))), EvalVAE("tuned", as_adapter(make_vae(3)))]
+    vaes = [EvalVAE("base", as_autoencoder(make_vae(0))), EvalVAE("tuned", as_autoencoder(make_vae(3)))]
     result = evaluate(vaes, out, resolution=32, check_fp16=True, fp16_images=1, show_progress=False)
     torch.set_num_threads(threads)
     return write_report(result)["html"], result

@@ -5,7 +5,6 @@
 - `fp16`: the half-precision check (`check_half_precision`);
 - `inception` + `fid`: the FID Inception-v3 (safetensors) and the Frechet distance behind rFID;
 - `browser`: headless Chromium screenshots of the report;
-- `adapter`: the one place model classes are touched.
 
 See docs/evaluation.md.
 """

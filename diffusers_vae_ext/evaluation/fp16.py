@@ -168,14 +168,21 @@ def _half_copy(vae: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.M
     # nn.Module.to, not ModelMixin.to: diffusers warns about casting with to(), which is what we mean to do here.
     half = nn.Module.to(copy.deepcopy(vae), device=device, dtype=dtype).eval()
     if device.type == "cpu":
-        half = half.to(memory_format=torch.channels_last)
+        # Per tensor, not `Module.to(memory_format=...)`: video classes mix 4-D and 5-D (Conv3d) weights.
+        with torch.no_grad():
+            for param in half.parameters():
+                if param.ndim in _CHANNELS_LAST:
+                    param.data = param.data.contiguous(memory_format=_CHANNELS_LAST[param.ndim])
     return half
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _in_layout(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     x = x.to(device=device, dtype=dtype)
-    if device.type == "cpu" and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if device.type == "cpu" and x.ndim in _CHANNELS_LAST:
+        x = x.contiguous(memory_format=_CHANNELS_LAST[x.ndim])
     return x
 
 
@@ -206,9 +213,9 @@ def check_half_precision(
         wrap: a function wrapping a model in an adapter of the same kind (default: `type(adapter)`'s way, via the
             package's `as_autoencoder`); used for the half-precision copies.
     """
-    from .adapter import as_adapter
+    from ..autoencoders import as_autoencoder
 
-    wrap = wrap or as_adapter
+    wrap = wrap or as_autoencoder
     vae = adapter.vae
     device = next(vae.parameters()).device
     float_dtype = next(vae.parameters()).dtype

@@ -13,21 +13,21 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
+from ..autoencoders import AutoencoderAdapter, load_autoencoder
 from ..data import UnreadableImageError, load_image_rgb, pil_to_tensor, resize_and_crop, to_model_channels
-from .adapter import load_adapter
 
 
 @dataclass
 class EvalVAE:
-    """A VAE under evaluation: its `label` in the report, its adapter (`evaluation.adapter`) and its source."""
+    """A VAE under evaluation: its `label` in the report, its adapter (`diffusers_vae_ext.autoencoders`) and its
+    source."""
 
     label: str
-    adapter: Any
+    adapter: AutoencoderAdapter
     source: str = ""
 
     @property
@@ -47,7 +47,12 @@ def parse_vae_spec(spec: str) -> tuple[str | None, str]:
 
 
 def load_vaes(specs: Sequence[str], device: str | torch.device = "cpu") -> list[EvalVAE]:
-    """Load each `--vae` spec (see `parse_vae_spec`) on `device`; labels default to the folder name, made unique."""
+    """Load each `--vae` spec (see `parse_vae_spec`) on `device`; labels default to the folder name, made unique.
+
+    Any class `diffusers_vae_ext.autoencoders` supports, chosen by the folder's `_class_name` (a pipeline folder's
+    `vae/` is found by itself), safetensors only. Weights are loaded in float32 whatever they are stored in: the
+    metrics and the half-precision check's reference are float32.
+    """
     vaes, used = [], set()
     for spec in specs:
         label, path = parse_vae_spec(spec)
@@ -56,7 +61,7 @@ def load_vaes(specs: Sequence[str], device: str | torch.device = "cpu") -> list[
         while label in used:
             label, counter = f"{base}-{counter}", counter + 1
         used.add(label)
-        adapter = load_adapter(path)
+        adapter = load_autoencoder(path, torch_dtype=torch.float32)
         adapter.vae.to(device)
         vaes.append(EvalVAE(label=label, adapter=adapter, source=str(path)))
     return vaes

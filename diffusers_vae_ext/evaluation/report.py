@@ -33,7 +33,8 @@ METRIC_HELP = {
     "rFID": "Frechet distance between Inception-v3 pool3 features of the originals and the reconstructions; "
     "lower is better. Biased upwards for small sets: compare only values measured on the same images.",
     "KL": "KL divergence of the posterior to N(0, I), summed over the latent; how much information the latent "
-    "carries beyond the prior (the VAE's regulariser).",
+    "carries beyond the prior (the VAE's regulariser). n/a for deterministic autoencoders (AutoencoderDC, "
+    "AutoencoderTiny): they have no posterior.",
     "scaling_factor": "1 / std of posterior samples: the factor that gives a diffusion model unit-variance latents. "
     "'scaled std' is the std the current config gives; about 1 means the latent space is well scaled.",
 }
@@ -64,6 +65,9 @@ def _fp16_verdict(result: VAEResult, dtype: str) -> str:
 
 def _scaling_text(result: VAEResult) -> tuple[str, str]:
     latent = result.latent
+    if latent.get("convention") == "per_channel":
+        # Wan, Qwen-Image, LTX-Video, FLUX.2: the pipelines normalise each channel; one global factor says little.
+        return "per-channel", "per-channel (latent table)"
     current = latent.get("current", {}).get("scaling_factor")
     suggested = latent.get("suggested_scaling_factor")
     low, high = latent.get("suggested_scaling_factor_ci95", [math.nan, math.nan])
@@ -100,7 +104,8 @@ def write_markdown(result: EvalResult, path: str | Path | None = None) -> str:
     settings = result.settings
     lines = [
         f"Reconstruction of {settings['num_images']} images ({settings['data']}) at "
-        f"{settings['resolution']}x{settings['resolution']} (centre crops), posterior mode decoded; "
+        f"{settings['resolution']}x{settings['resolution']} (centre crops), posterior mode (or deterministic "
+        "latents) decoded; "
         "mean ± 95 % confidence interval over images.",
         "",
         "| " + " | ".join(rows[0]) + " |",
@@ -313,8 +318,10 @@ def _half_precision_section(result: EvalResult) -> str:
 def _latent_section(result: EvalResult) -> str:
     out = [
         "<h2>Latent space</h2>",
-        '<p class="meta">Statistics of posterior samples (one seeded draw per image). The suggested values make the '
-        "latents a diffusion model sees have mean 0 (where the convention shifts) and std 1.</p>",
+        '<p class="meta">Statistics of posterior samples (one seeded draw per image; the latents themselves for '
+        "deterministic autoencoders), laid out as the class's pipelines normalise them. The suggested values, in the "
+        "class's own convention (config keys, or weights for LTX-Video and FLUX.2), make the latents a diffusion "
+        "model sees have mean 0 (where the convention shifts) and std 1.</p>",
         '<table><thead><tr><th class="text">VAE</th><th class="text">class</th><th class="text">convention</th>'
         '<th>mean</th><th>std</th><th class="text">per-channel mean</th><th class="text">per-channel std</th>'
         '<th class="text">suggested config</th></tr></thead><tbody>',
@@ -362,7 +369,7 @@ def write_html(result: EvalResult, path: str | Path | None = None) -> Path:
 <body>
 <h1>VAE evaluation: {html.escape(labels)}</h1>
 <p class="meta">{settings["num_images"]} images ({html.escape(settings["data"])}), {settings["resolution"]}x{settings["resolution"]}
-centre crops, posterior mode decoded, on {html.escape(settings["device"])} in {result.seconds:.1f} s. Mean ± 95 % confidence
+centre crops, posterior mode (or deterministic latents) decoded, on {html.escape(settings["device"])} in {result.seconds:.1f} s. Mean ± 95 % confidence
 interval over images; best value per column in green. Click a column header to sort.</p>
 <h2>Summary</h2>
 {_summary_table(result)}

@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..autoencoders import as_autoencoder
+from ..conventions import pipeline_statistics_updates
 from ..metrics import psnr, ssim
-from ..scaling import LatentStatistics, posterior_seed, scaling_convention
-from .adapter import as_adapter
+from ..scaling import LatentStatistics, posterior_seed
+from ..stats import _statistics_units
 from .inputs import EvalVAE, ImageItem, image_batches, open_images
 from .patches import IMAGES_DIR, worst_patches, write_images
 from .results import EvalResult, VAEResult, summarize_metric
@@ -87,8 +89,12 @@ class _Measurement:
     def __init__(self, entry: EvalVAE, seed: int):
         self.entry, self.adapter, self.seed = entry, entry.adapter, seed
         channels = self.adapter.latent_channels
-        self.stats = LatentStatistics(num_channels=channels, sample_posterior=True)
-        self.scaled = LatentStatistics(num_channels=channels, sample_posterior=True)
+        # Statistics channels: FLUX.2's pipelines normalise 2x2-patchified latents (4C channels).
+        self.stats = LatentStatistics(
+            num_channels=channels * self.adapter.convention.latents_patch_size**2,
+            sample_posterior=self.adapter.has_posterior,
+        )
+        self.scaled = LatentStatistics(num_channels=channels, sample_posterior=self.adapter.has_posterior)
         self.features: list[np.ndarray] = []
         self.seconds = 0.0
 
@@ -135,7 +141,8 @@ class _Measurement:
                 ]
             )
             samples = mean + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * noise
-        self.stats.update(samples)
+        # Statistics of the latents as the pipelines normalise them (FLUX.2: 2x2-patchified).
+        self.stats.update(_statistics_units(self.adapter, samples, None))
         self.scaled.update(_from_video(self.adapter, self.adapter.scale(_as_video(self.adapter, samples))))
         if inception is not None:
             self.features.append(inception(_rgb(reconstruction)).double().numpy())
@@ -158,16 +165,17 @@ class _Measurement:
         return reconstruction, rows
 
     def latent_summary(self) -> dict[str, Any]:
-        config = self.adapter.config
-        convention = scaling_convention(config)
-        stats = self.stats
+        adapter, stats = self.adapter, self.stats
+        convention = adapter.convention
         low, high = stats.scaling_factor_interval()
+        config_updates, weight_updates = pipeline_statistics_updates(adapter.class_name, adapter.config, stats)
         return {
-            "convention": convention,
-            "current": {
-                key: config.get(key) for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-            },
-            "suggested": stats.config_updates(convention),
+            # How this class's pipelines scale latents, and the numbers they read now (config keys, or weights
+            # for LTX-Video and FLUX.2).
+            "convention": convention.convention,
+            "statistics_in": convention.statistics_in,
+            "current": {key: _plain(value) for key, value in adapter.scaling_config().items()},
+            "suggested": {**config_updates, **weight_updates},
             "suggested_scaling_factor": stats.scaling_factor,
             "suggested_scaling_factor_ci95": [low, high],
             "channel_mean": stats.channel_mean.tolist(),
@@ -182,23 +190,31 @@ class _Measurement:
 
 
 def _check_vaes(vaes: Sequence[EvalVAE | tuple[str, Any]], resolution: int) -> tuple[list[EvalVAE], int]:
-    entries = [v if isinstance(v, EvalVAE) else EvalVAE(v[0], as_adapter(v[1]), "") for v in vaes]
+    entries = [v if isinstance(v, EvalVAE) else EvalVAE(v[0], as_autoencoder(v[1]), "") for v in vaes]
     if not entries:
         raise ValueError("Give at least one VAE to evaluate (--vae PATH or --vae LABEL=PATH).")
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
         raise ValueError(f"VAE labels must be unique, got {labels}.")
-    channels = {e.adapter.config.get("in_channels", 3) for e in entries}
+    channels = {e.adapter.in_channels for e in entries}
     if len(channels) != 1:
         raise ValueError(
             f"The VAEs take different numbers of input channels ({sorted(channels)}); compare VAEs of one kind."
         )
     for entry in entries:
-        factor = entry.adapter.spatial_factor
-        if resolution % factor:
+        adapter = entry.adapter
+        if adapter.is_video and not adapter.valid_num_frames(1):
+            # Images are evaluated as one-frame clips; a class whose frame rule excludes 1 would drop or pad it.
             raise ValueError(
-                f"--resolution {resolution} is not divisible by {entry.label}'s spatial factor {factor}; use e.g. "
-                f"{max(factor, resolution // factor * factor)}."
+                f"{entry.label} ({adapter.class_name}) cannot evaluate single images: it encodes clips of "
+                f"{adapter.frame_multiple}k + 1 frames with k >= 1 only. Evaluate it on videos with "
+                "`diffusers-vae reconstruct` instead."
+            )
+        multiple = adapter.size_multiple
+        if resolution % multiple:
+            raise ValueError(
+                f"--resolution {resolution} is not divisible by {multiple}, which {entry.label} "
+                f"({adapter.class_name}) needs; use e.g. {max(multiple, resolution // multiple * multiple)}."
             )
     return entries, channels.pop()
 
@@ -375,6 +391,11 @@ def evaluate(
     summary = json.dumps(_json_safe(result.to_dict()), indent=2, default=str, allow_nan=False)
     (output_dir / "summary.json").write_text(summary + "\n", encoding="utf-8")
     return result
+
+
+def _plain(value: Any) -> Any:
+    """Tensors (statistics stored in weights) as lists, for the JSON summary."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value
 
 
 def _json_safe(value: Any) -> Any:
