@@ -71,8 +71,8 @@ def _scaling_text(result: VAEResult) -> tuple[str, str]:
     current = latent.get("current", {}).get("scaling_factor")
     suggested = latent.get("suggested_scaling_factor")
     low, high = latent.get("suggested_scaling_factor_ci95", [math.nan, math.nan])
-    interval = f" [{low:.4g}, {high:.4g}]" if math.isfinite(low) and math.isfinite(high) else ""
-    return (_number(current, 5) if current is not None else "n/a"), f"{suggested:.5g}{interval}"
+    interval = f" [{low:#.4g}, {high:#.4g}]" if math.isfinite(low) and math.isfinite(high) else ""
+    return (_number(current, 5) if current is not None else "n/a"), f"{suggested:#.4g}{interval}"
 
 
 def summary_rows(result: EvalResult) -> list[dict[str, str]]:
