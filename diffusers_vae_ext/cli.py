@@ -70,7 +70,7 @@ def _clip_options(args: argparse.Namespace):
 
 
 def _add_video_options(parser: argparse.ArgumentParser, max_frames: int | None) -> None:
-    """The clip options shared by `stats` and `reconstruct` (see `video.ClipOptions`)."""
+    """The clip options shared by `stats`, `reconstruct` and `cache` (see `video.ClipOptions`)."""
     video = parser.add_argument_group("videos")
     video.add_argument("--num_frames", type=int, default=None, help="frames per clip (video VAEs: e.g. 4k+1)")
     rate = video.add_mutually_exclusive_group()
@@ -115,6 +115,18 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_option(value: str | None, name: str) -> dict | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(f'{name} must be a JSON object, e.g. \'{{"endpoint_url": "http://..."}}\' ({err}).') from err
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}.")
+    return parsed
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from .cache import CacheMismatchError, precompute_latents
 
@@ -137,9 +149,16 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             num_workers=args.dataloader_num_workers,
             shard_size=args.shard_size,
+            unit_size=args.unit_size,
+            clip_options=_clip_options(args),
+            image_sequences=args.image_sequence,
+            storage_options=_json_option(args.storage_options, "--storage_options"),
+            engine=args.engine,
+            ray_address=args.ray_address,
+            ray_num_encoders=args.ray_num_encoders,
             overwrite=args.overwrite,
         )
-    except (CacheMismatchError, FileNotFoundError, ValueError) as err:
+    except (CacheMismatchError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -366,19 +385,32 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.set_defaults(func=_cmd_reconstruct)
     cache = commands.add_parser(
         "cache",
-        help="precompute latents (posterior mean and logvar) of an image folder or dataset for diffusion training",
-        description="Encode images once into a sharded, resumable latent cache (see docs/latent_cache.md). "
-        "Runs unchanged under `accelerate launch --num_processes N`.",
+        help="precompute latents (posterior mean and logvar) of images or videos for diffusion training",
+        description="Encode images or video clips once, with any supported autoencoder, into a sharded, resumable "
+        "latent cache (see docs/latent_cache.md). Runs unchanged under `accelerate launch --num_processes N`.",
     )
     cache.add_argument("--vae", required=True, help="VAE folder or hub id (a pipeline folder with --vae_subfolder)")
     cache.add_argument("--vae_subfolder", default=None, help="e.g. vae (found automatically in a pipeline folder)")
     cache_input = cache.add_mutually_exclusive_group(required=True)
-    cache_input.add_argument("--train_data_dir", help="image folder (recursive; metadata.jsonl or .txt captions)")
+    cache_input.add_argument(
+        "--train_data_dir",
+        help="image folder (recursive; metadata.jsonl or .txt captions), webdataset .tar shards (brace pattern, glob, "
+        "folder or prefix) or .parquet files; a local path or any fsspec URL (s3://, gs://, file://); or a local "
+        "folder of videos (.mp4 .webm .mov .mkv, image sequences with --image_sequence)",
+    )
     cache_input.add_argument("--dataset_name", help="datasets name, or a folder saved with save_to_disk")
     cache.add_argument("--dataset_split", default="train")
     cache.add_argument("--image_column", default=None, help="dataset image column (default: image)")
     cache.add_argument("--caption_column", default=None, help="caption column / metadata.jsonl key (default: text)")
-    cache.add_argument("--output_dir", required=True, help="cache folder; an existing matching cache is resumed")
+    cache.add_argument(
+        "--output_dir", required=True, help="cache folder or URL (s3://...); an existing matching cache is resumed"
+    )
+    cache.add_argument(
+        "--storage_options",
+        default=None,
+        help='fsspec options as JSON for input and output URLs, e.g. \'{"endpoint_url": "http://..."}\' '
+        "(default: credentials and endpoint from the environment, AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)",
+    )
     cache.add_argument("--resolution", type=int, default=512)
     cache_crop = cache.add_mutually_exclusive_group()
     cache_crop.add_argument("--center_crop", action="store_true", help="centre crop (default: top-left crop)")
@@ -390,8 +422,24 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage and encode dtype")
     cache.add_argument("--batch_size", type=int, default=8)
     cache.add_argument("--dataloader_num_workers", type=int, default=2)
-    cache.add_argument("--shard_size", type=int, default=512, help="about this many samples per shard")
+    cache.add_argument(
+        "--shard_size", type=int, default=None, help="about this many samples per shard (default: 512; videos: 32)"
+    )
+    cache.add_argument(
+        "--unit_size",
+        type=int,
+        default=None,
+        help="images (folder) / videos / rows (dataset) per unit of work (default: shard_size)",
+    )
+    cache.add_argument("--engine", choices=["local", "ray"], default="local", help="local processes, or a Ray cluster")
+    cache.add_argument(
+        "--ray_address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: start a local one"
+    )
+    cache.add_argument(
+        "--ray_num_encoders", type=int, default=None, help="encoder actors (default: one per GPU, else per 2 CPUs)"
+    )
     cache.add_argument("--overwrite", action="store_true", help="delete an existing cache in --output_dir first")
+    _add_video_options(cache, max_frames=33)
     cache.set_defaults(func=_cmd_cache)
 
     convert_lpips = commands.add_parser(

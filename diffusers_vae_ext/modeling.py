@@ -374,5 +374,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # hashed in place, no copy
+        # Hashed in place, no copy; flattened first because 0-d tensors (BatchNorm's num_batches_tracked, LTX's
+        # scalar buffers) cannot be viewed as bytes.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
     return digest.hexdigest()

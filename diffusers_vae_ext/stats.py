@@ -21,7 +21,7 @@ import torch
 import torch.utils.data
 
 from .autoencoders import AutoencoderAdapter, load_autoencoder
-from .cache import LatentCacheDataset
+from .cache import LatentCacheDataset, load_cache_info
 from .conventions import (
     allowed_conventions,
     pipeline_convention,
@@ -37,7 +37,7 @@ from .data import (
     to_model_channels,
 )
 from .scaling import LatentStatistics, posterior_seed
-from .video import VIDEO_EXTENSIONS, ClipOptions, VideoError, clips_from_file, list_videos, load_clip
+from .video import ClipOptions, VideoError, clips_from_file, has_videos, list_videos, load_clip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -111,10 +111,6 @@ def _clip_seed(seed: int, index: int, clip: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([seed, index, clip]).generate_state(1, dtype=np.uint64)[0])
-
-
-def _has_videos(root: str | os.PathLike) -> bool:
-    return any(p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS for p in Path(root).rglob("*"))
 
 
 def _patchify(latents: torch.Tensor, patch: int) -> torch.Tensor:
@@ -225,7 +221,7 @@ def compute_latent_statistics(
         if resolution < factor or resolution % factor:
             raise ValueError(f"--resolution must be a positive multiple of the VAE's downsampling factor {factor}.")
         label = sample_posterior if adapter.has_posterior else None
-        videos = image_sequences or _has_videos(train_data_dir)
+        videos = image_sequences or has_videos(train_data_dir)
         if videos:
             options = clip_options or ClipOptions()
             options.check(adapter.frame_multiple, adapter.class_name)
@@ -332,6 +328,13 @@ def _current_values(vae: str, subfolder: str | None) -> tuple[str, dict[str, Any
     return name, config, current
 
 
+def _counts_clips(train_data_dir: str | None, cache_dir: str | None, image_sequences: bool) -> bool:
+    """Whether the samples are video clips: a video folder, or a latent cache built from one."""
+    if train_data_dir is not None:
+        return image_sequences or has_videos(train_data_dir)
+    return load_cache_info(cache_dir)["provenance"]["preprocessing"].get("video") is not None
+
+
 def run_stats(
     vae: str,
     train_data_dir: str | None = None,
@@ -406,7 +409,7 @@ def run_stats(
         skipped=len(skipped),
         source=str(train_data_dir if train_data_dir is not None else cache_dir),
         resolution=resolution if train_data_dir is not None else None,
-        unit="clip" if train_data_dir is not None and (image_sequences or _has_videos(train_data_dir)) else "image",
+        unit="clip" if _counts_clips(train_data_dir, cache_dir, image_sequences) else "image",
     )
     state = PartialState()
     if state.is_main_process:

@@ -35,6 +35,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
 
 
+def write_audio_only(path) -> None:
+    """A real audio-only .mp4 (one second of a 440 Hz tone, AAC): a file with no video stream."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+
+
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     """A constant-rate mp4, a variable-rate mkv, a webm, an image sequence and broken files, with their frames."""
@@ -56,14 +68,7 @@ def videos(tmp_path_factory):
     (broken / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     data = (root / "astronaut.mp4").read_bytes()
     (broken / "truncated.mp4").write_bytes(data[: len(data) // 2])
-    with av.open(str(broken / "audio.mp4"), "w") as container:  # a real audio-only file
-        stream = container.add_stream("aac", rate=16000)
-        stream.layout = "mono"
-        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)[None]
-        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for packet in [*stream.encode(frame), *stream.encode()]:
-            container.mux(packet)
+    write_audio_only(broken / "audio.mp4")
     out["broken"] = broken
     return out
 

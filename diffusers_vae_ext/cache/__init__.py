@@ -1,11 +1,12 @@
 """Latent cache: encode a dataset once, train a diffusion model from the stored posteriors many times.
 
-Writer (`precompute_latents`, `diffusers-vae cache`, `scripts/precompute_latents.py`):
+Writer (`precompute_latents`, `diffusers-vae cache`, `scripts/precompute_latents.py`), for any supported
+autoencoder class (`diffusers_vae_ext.autoencoders`) and for images or video clips:
 
-- stores the posterior **moments** (mean and logvar, unscaled) of every image, so training can draw a fresh
-  latent each epoch instead of reusing one frozen sample;
+- stores the posterior **moments** (mean and logvar, unscaled) of every image or clip, so training can draw a
+  fresh latent each epoch instead of reusing one frozen sample (deterministic autoencoders: their latents);
 - names every sample by a **stable id** derived from the source (relative path or row number plus a hash of the
-  file's bytes; `:flip` for the mirrored copy), never by loader order, so captions cannot drift;
+  file's bytes; `#clip<k>` for a video's clips, `:flip` for the mirrored copy), never by loader order, so captions cannot drift;
 - writes sharded `.safetensors` files atomically; each shard's header says what it holds, so a run killed at any
   moment resumes where it stopped, and the index is rebuilt from complete shards only;
 - plans the work globally (scan, aspect-ratio buckets, batches, shards) and hands whole shards round-robin to the
@@ -16,17 +17,23 @@ Writer (`precompute_latents`, `diffusers-vae cache`, `scripts/precompute_latents
 - skips bad input (unreadable, too small, non-finite latents) with a reason in `skipped.jsonl`.
 
 Reader (`LatentCacheDataset`, `BucketBatchSampler`): memory-mapped reads, per-(seed, epoch, id) posterior draws,
-the VAE config's scaling applied. The on-disk format is specified in `docs/latent_cache.md`.
+the autoencoder class's pipeline scaling applied; video clips come back as (C, T', h, w) latents. The on-disk
+format is specified in `docs/latent_cache.md`.
 
 Modules: `format` (settings, provenance, `cache.json`), `storage` (atomic files, shard headers), `sources` (image
-folders and datasets), `plan` (batches and shards), `writer` (`precompute_latents`), `readers`
-(`LatentCacheDataset`). The public names are importable from `diffusers_vae_ext.cache`.
+folders, datasets, tars, parquet, video folders), `plan` (samples and batches), `clips` (videos -> clips),
+`unit` (the unit of work), `writer` (`precompute_latents`), `readers` (`LatentCacheDataset`), `streaming`
+(`LatentCacheIterableDataset`). The public names are importable from `diffusers_vae_ext.cache`.
 """
 
 from ..buckets import BucketBatchSampler
-from .format import CacheMismatchError, CacheSettings, load_cache_info
+from .format import CacheMismatchError, CacheSettings
+from .index import CacheSummary
 from .readers import LatentCacheDataset
-from .writer import CacheSummary, precompute_latents
+from .sources import iter_source_items, open_source
+from .storage import StorageAccessError, load_cache_info
+from .streaming import LatentCacheIterableDataset, bucket_batches
+from .writer import precompute_latents
 
 __all__ = [
     "BucketBatchSampler",
@@ -34,6 +41,11 @@ __all__ = [
     "CacheSettings",
     "CacheSummary",
     "LatentCacheDataset",
+    "LatentCacheIterableDataset",
+    "StorageAccessError",
+    "bucket_batches",
+    "iter_source_items",
     "load_cache_info",
+    "open_source",
     "precompute_latents",
 ]

@@ -1,8 +1,11 @@
-"""The plan: which samples go into which batch and which shard, the same however many processes run it."""
+"""The plan inside one unit: which samples a source item becomes, and which samples share a batch.
+
+Both steps are pure functions of the unit's items in order, so every engine, every process and every retry of a
+unit encodes the same samples in the same batches (and the stored tensors do not depend on who encoded them).
+"""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,62 +14,85 @@ from .format import FLIP_SUFFIX
 
 @dataclass(frozen=True)
 class PlannedSample:
+    """One sample to encode.
+
+    Args:
+        id: `<item label>@<content hash>`, plus `:flip` for the mirrored copy.
+        source: the item's label (relative path, `row<N>`, `<tar>/<key>`, `<file>/row<N>`).
+        position: the item's position in its unit (orders records and skips).
+        flip: the mirrored copy of the image.
+        bucket: the target (height, width); for a video clip (frames, height, width), so a batch holds clips of
+            one frame count.
+        caption: the caption at encode time.
+    """
+
     id: str
-    index: int
     source: str
-    content_hash: str
+    position: int
     flip: bool
     bucket: tuple[int, int]
     caption: str
 
 
-@dataclass
-class PlannedShard:
-    name: str
-    batches: list[list[PlannedSample]]
+def expand_image(
+    base_id: str, label: str, caption: str, position: int, bucket: tuple[int, int], flip: bool
+) -> list[PlannedSample]:
+    """The samples one source image becomes: itself and, with `flip`, its mirrored copy.
 
-
-def expected_samples(records: list[dict[str, Any]], flip: bool) -> list[PlannedSample]:
-    """Every sample the cache should hold, in source order (original, then its mirrored copy)."""
-    samples = []
-    for record in records:
-        if record["skip"] is None:
-            for flipped in (False, True) if flip else (False,):
-                samples.append(
-                    PlannedSample(
-                        id=record["id"] + (FLIP_SUFFIX if flipped else ""),
-                        index=record["index"],
-                        source=record["source"],
-                        content_hash=record["hash"],
-                        flip=flipped,
-                        bucket=tuple(record["bucket"]),
-                        caption=record["caption"],
-                    )
-                )
-    return samples
-
-
-def plan_shards(
-    samples: list[PlannedSample], done: set[str], batch_size: int, batches_per_shard: int
-) -> list[PlannedShard]:
-    """Batches within buckets, then shards of whole batches, over the samples not yet done.
-
-    Each bucket's samples (in source order) are cut into consecutive batches. Complete shards hold whole
-    batches, and only a bucket's last batch can be short, so removing finished batches and cutting again gives
-    the same remaining batches: a resumed run encodes every sample in the same batch as an uninterrupted one.
+    With `expand_clip` the one place that maps a source item to samples.
     """
-    by_bucket: dict[tuple[int, int], list[PlannedSample]] = {}
-    for sample in samples:
-        if sample.id not in done:
-            by_bucket.setdefault(sample.bucket, []).append(sample)
-    batches = [
-        group[start : start + batch_size]
-        for _, group in sorted(by_bucket.items())
-        for start in range(0, len(group), batch_size)
+    variants = (False, True) if flip else (False,)
+    return [
+        PlannedSample(base_id + (FLIP_SUFFIX if f else ""), label, position, f, tuple(bucket), caption)
+        for f in variants
     ]
-    shards = []
-    for start in range(0, len(batches), batches_per_shard):
-        shard_batches = batches[start : start + batches_per_shard]
-        ids = "\n".join(s.id for batch in shard_batches for s in batch)
-        shards.append(PlannedShard(f"shard-{hashlib.sha256(ids.encode()).hexdigest()[:16]}", shard_batches))
-    return shards
+
+
+def expand_clip(
+    video_id: str, label: str, clip: int, caption: str, position: int, bucket: tuple[int, int, int], flip: bool
+) -> list[PlannedSample]:
+    """The samples clip `clip` of a video becomes: `<label>#clip<k>@<content hash>` (and its mirrored copy).
+
+    Args:
+        video_id: `<label>@<content hash>` of the video file (or image sequence).
+        bucket: (frames, height, width).
+    """
+    label_part, _, digest = video_id.rpartition("@")
+    base_id = f"{label_part}#clip{clip}@{digest}"
+    variants = (False, True) if flip else (False,)
+    return [
+        PlannedSample(base_id + (FLIP_SUFFIX if f else ""), label, position, f, tuple(bucket), caption)
+        for f in variants
+    ]
+
+
+def skip_entry(sample_id: str | None, source: str, kind: str, reason: str, position: int) -> dict[str, Any]:
+    """A `skipped.jsonl` row (`_order` sorts a unit's skips by input position; it is dropped when written)."""
+    return {"id": sample_id, "source": source, "kind": kind, "reason": reason, "_order": [position, sample_id or ""]}
+
+
+class BucketBatcher:
+    """Batches of one bucket each, in a fixed order, with at most `batch_size - 1` samples per bucket held back.
+
+    Each bucket's samples are cut, in arrival order, into consecutive batches of `batch_size`: a batch is emitted as
+    soon as it is full, and `flush` emits the short remainders in bucket order. The composition of every batch is
+    exactly that of "group the unit's samples by bucket, then cut", without holding the whole unit in memory.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.pending: dict[tuple[int, int], list[tuple[PlannedSample, Any]]] = {}
+
+    def add(self, sample: PlannedSample, payload: Any) -> list[tuple[PlannedSample, Any]] | None:
+        """Queue a sample (with what decoding it needs); returns the bucket's batch when it is full."""
+        group = self.pending.setdefault(sample.bucket, [])
+        group.append((sample, payload))
+        if len(group) == self.batch_size:
+            return self.pending.pop(sample.bucket)
+        return None
+
+    def flush(self) -> list[list[tuple[PlannedSample, Any]]]:
+        """The incomplete batches, one per bucket, in bucket order."""
+        batches = [self.pending[bucket] for bucket in sorted(self.pending)]
+        self.pending = {}
+        return batches

@@ -1,4 +1,8 @@
-"""Reading a latent cache for training: `LatentCacheDataset` (memory-mapped, fresh posterior draws per epoch)."""
+"""Reading a latent cache for training: `LatentCacheDataset` (memory-mapped, fresh posterior draws per epoch).
+
+`make_item` turns a stored record and its moments into a training item; every reader (also the streaming
+`LatentCacheIterableDataset` in `streaming.py`) builds its items there, so they agree item for item.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,65 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from ..scaling import scale_latents
-from .format import INDEX_FILE, load_cache_info
+from .format import INDEX_FILE, StoredLayout
+from .storage import load_cache_info
 
 
 def draw_seed(seed: int, epoch: int, sample_id: str) -> int:
     digest = hashlib.sha256(f"{seed}\x00{epoch}\x00{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_item(
+    record: dict[str, Any],
+    moments: torch.Tensor,
+    layout: StoredLayout,
+    *,
+    seed: int,
+    epoch: int,
+    sample_posterior: bool,
+    scale: bool,
+    return_moments: bool,
+) -> dict[str, Any]:
+    """One training item from an index record and its stored tensor; every reader builds its items here.
+
+    The posterior draw depends on (seed, epoch, sample id) only, so it is the same whichever reader, worker,
+    process or position serves the sample. Deterministic latents (`layout.posterior` False) are returned as stored.
+    """
+    stored = moments.float()
+    if not layout.posterior:
+        mean, logvar = stored, None
+        latents = stored.clone()
+    else:
+        mean, logvar = stored.chunk(2, dim=0)
+        if sample_posterior:
+            generator = torch.Generator().manual_seed(draw_seed(seed, epoch, record["id"]))
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+            latents = mean + torch.exp(0.5 * logvar) * noise
+        else:
+            latents = mean.clone()
+    if scale:
+        latents = layout.scale(latents)
+    item = {
+        "latents": latents,
+        "caption": record["caption"],
+        "original_size": torch.tensor(record["original_size"]),
+        "crop_coords_top_left": torch.tensor(record["crop_coords_top_left"]),
+        "target_size": torch.tensor(record["target_size"]),
+        "bucket": torch.tensor(record["bucket"]),
+        "flip": bool(record["flip"]),
+        "id": record["id"],
+    }
+    if "num_frames" in record:  # a video clip
+        item["num_frames"] = record["num_frames"]
+        item["fps"] = torch.tensor(record["fps"], dtype=torch.float64)
+        item["frame_indices"] = torch.tensor(record["frame_indices"])
+        item["clip"] = record["clip"]
+    if return_moments:
+        item["mean"] = mean
+        if logvar is not None:
+            item["logvar"] = logvar
+    return item
 
 
 class LatentCacheDataset(Dataset):
@@ -30,16 +86,31 @@ class LatentCacheDataset(Dataset):
         sample_posterior (`bool`, defaults to `True`): draw `latents = mean + exp(logvar / 2) * eps` with `eps`
             from a `torch.Generator` seeded by (`seed`, epoch, sample id), so draws are reproducible, independent
             of worker count and order, and fresh each epoch (`set_epoch`); `False` returns the posterior mean.
+            Has no effect on caches of deterministic autoencoders (AutoencoderDC, AutoencoderTiny: provenance
+            `moments.kind == "latents"`): their stored latents are returned as they are, every epoch.
         seed (`int`, defaults to 0): base seed of the draws.
-        scale (`bool`, defaults to `True`): apply the VAE config's scaling convention
-            (`diffusers_vae_ext.scaling.scale_latents`: scaling_factor, shift_factor or latents_mean/std) so the
-            latents are what a diffusion model trains on; `False` returns raw VAE latents (for statistics).
-        return_moments (`bool`, defaults to `False`): also return the stored `mean` and `logvar` (float32).
+        scale (`bool`, defaults to `True`): apply the scaling its autoencoder class's pipelines apply (recorded
+            in the provenance: `scaling_factor`, `shift_factor`, or per-channel `latents_mean`/`latents_std` from
+            the config or, for LTX-Video and FLUX.2, from the weights; see `conventions.pipeline_convention`) so
+            the latents are what a diffusion model trains on; `False` returns raw VAE latents (for statistics).
+        return_moments (`bool`, defaults to `False`): also return the stored `mean` and `logvar` (float32); for
+            deterministic autoencoders `mean` is the stored latents and there is no `logvar`.
 
     Items: `latents` (float32, (C, h, w)), `caption` (str), `original_size`, `crop_coords_top_left`,
     `target_size` and `bucket` (int64 tensors (2,) as (height, width) / (top, left); batched they stack to (B, 2),
     so `torch.cat([original_size, crop_coords_top_left, target_size], 1)` are SDXL's `add_time_ids`), `flip`
     (bool), `id` (str).
+
+    Video clips (`<video>#clip<k>@<hash>` ids) give 5-D-ready latents (C, T', h, w) for video autoencoders
+    (T' = 1 + (frames - 1) / temporal factor) or (C, T, h, w) for image autoencoders (one latent per frame);
+    `bucket` is (frames, height, width), `original_size` the source's (height, width), and they add
+    `num_frames` (int), `fps` (float64 tensor, the clip's frame rate), `frame_indices` (int64 (T,), source
+    frame numbers) and `clip` (int). Images cached with a video autoencoder keep its frame axis: (C, 1, h, w).
+
+    The index is held in memory as Python objects (about 2.5 KB per sample, and DataLoader workers end up with
+    their own copies as reference counts touch the pages): fine for a million samples, not for ten million (25 GB
+    per process). For those, and for caches in object storage, use `LatentCacheIterableDataset`, which never reads
+    the index.
 
     Shards are memory-mapped with `safe_open`, opened lazily in whichever process reads them, so DataLoader
     workers each open their own. With `persistent_workers=True` workers keep the epoch they started with: call
@@ -56,7 +127,12 @@ class LatentCacheDataset(Dataset):
         scale: bool = True,
         return_moments: bool = False,
     ) -> None:
-        self.path = Path(path)
+        if "://" in str(path) and not str(path).startswith("file://"):
+            raise ValueError(
+                f"LatentCacheDataset memory-maps local caches; read {path} with "
+                "diffusers_vae_ext.cache.LatentCacheIterableDataset (streams shards from the URL)."
+            )
+        self.path = Path(str(path).removeprefix("file://"))
         self.info = load_cache_info(self.path)
         if self.info.get("status") != "complete":
             raise ValueError(
@@ -64,6 +140,7 @@ class LatentCacheDataset(Dataset):
                 "interrupted or is still writing. Rerun the same command to finish it."
             )
         self.vae_config = self.info["provenance"]["vae"]["config"]
+        self.layout = StoredLayout.from_provenance(self.info["provenance"])
         index_file = self.path / INDEX_FILE
         self.records = [json.loads(line) for line in index_file.read_text(encoding="utf-8").splitlines() if line]
         self.sample_posterior = sample_posterior
@@ -111,25 +188,13 @@ class LatentCacheDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        mean, logvar = self.moments(index).chunk(2, dim=0)
-        if self.sample_posterior:
-            generator = torch.Generator().manual_seed(draw_seed(self.seed, self.epoch, record["id"]))
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-            latents = mean + torch.exp(0.5 * logvar) * noise
-        else:
-            latents = mean.clone()
-        if self.scale:
-            latents = scale_latents(latents.unsqueeze(0), self.vae_config)[0]
-        item = {
-            "latents": latents,
-            "caption": record["caption"],
-            "original_size": torch.tensor(record["original_size"]),
-            "crop_coords_top_left": torch.tensor(record["crop_coords_top_left"]),
-            "target_size": torch.tensor(record["target_size"]),
-            "bucket": torch.tensor(record["bucket"]),
-            "flip": bool(record["flip"]),
-            "id": record["id"],
-        }
-        if self.return_moments:
-            item["mean"], item["logvar"] = mean, logvar
-        return item
+        return make_item(
+            record,
+            self.moments(index),
+            self.layout,
+            seed=self.seed,
+            epoch=self.epoch,
+            sample_posterior=self.sample_posterior,
+            scale=self.scale,
+            return_moments=self.return_moments,
+        )

@@ -1,8 +1,9 @@
 """What the evaluation reads: the VAEs (`--vae PATH` or `LABEL=PATH`) and the images.
 
-Folders and datasets go through the latent cache's source layer (`cache.sources`: same labels, same raw-byte
-reading) and every image is decoded with `data.load_image_rgb`, so odd files behave as in the cache; with neither,
-the built-in sample photos are used.
+Images come through the latent cache's source layer (`cache.sources`: image folders, webdataset shards, parquet
+files, local or fsspec URLs, and `datasets` datasets; same labels, same raw-byte reading, same skips) and every
+image is decoded with `data.load_image_rgb`, so odd files behave as in the cache; with no input, the built-in
+sample photos are used.
 """
 
 from __future__ import annotations
@@ -82,10 +83,13 @@ def open_images(
     dataset_name: str | os.PathLike | None = None,
     dataset_split: str = "train",
     image_column: str | None = None,
-) -> tuple[int, Iterator[ImageItem], str]:
-    """(count, items, description) of an image folder, a `datasets` dataset, or the built-in sample photos.
+) -> tuple[int | None, Iterator[ImageItem], str]:
+    """(count, items, description) of the images the latent cache would read, or the built-in sample photos.
 
-    Items are read lazily, in the source's order; an unreadable one comes back with `error` set (the reason).
+    `train_data_dir` is anything the cache takes (an image folder, webdataset shards, parquet files; local or an
+    fsspec URL), `dataset_name` a `datasets` dataset (hub name or `save_to_disk` folder). Items are read lazily,
+    unit by unit in the source's order; an unreadable one comes back with `error` set (the reason). `count` is None
+    where the listing does not tell it (webdataset shards).
     """
     if train_data_dir is None and dataset_name is None:
         from ..data import sample_photos
@@ -93,26 +97,39 @@ def open_images(
         photos = sample_photos()
         items = (ImageItem(i, f"{name}.png", image=image) for i, (name, image) in enumerate(photos.items()))
         return len(photos), items, "scikit-image's built-in sample photos"
-    from ..cache.sources import open_source, source_label
+    from ..cache.sources import open_source, read_unit_items
 
-    source = open_source(train_data_dir, dataset_name, dataset_split, image_column, None)
+    source = open_source(train_data_dir, dataset_name, dataset_split=dataset_split, image_column=image_column)
+    where = str(train_data_dir if train_data_dir is not None else dataset_name)
+    if source.kind == "video_folder":
+        raise ValueError(
+            f"{where} holds videos; `diffusers-vae eval` compares VAEs on images. For videos use `diffusers-vae "
+            "reconstruct` (PSNR/SSIM per clip), or point --train_data_dir at a folder of images."
+        )
+    units = list(source.units())
+    # Folders, datasets and parquet row groups know their sizes from the listing; webdataset tars do not.
+    known = all(unit.kind in ("folder", "rows", "parquet") for unit in units)
+    count = sum(unit.stop - unit.start for unit in units) if known else None
 
     def items() -> Iterator[ImageItem]:
-        for index in range(len(source)):
-            name = source_label(source, index)
-            try:
-                data, _ = source.read(index)
-                yield ImageItem(index, name, image=load_image_rgb(io.BytesIO(data)))
-            except (OSError, UnreadableImageError) as err:
-                yield ImageItem(index, name, error=getattr(err, "reason", None) or str(err))
+        index = 0
+        for unit in units:
+            for item in read_unit_items(source, unit):
+                if item.error is not None:
+                    yield ImageItem(index, item.label, error=item.error[1])
+                else:
+                    try:
+                        yield ImageItem(index, item.label, image=load_image_rgb(io.BytesIO(item.data)))
+                    except (OSError, UnreadableImageError) as err:
+                        yield ImageItem(index, item.label, error=getattr(err, "reason", None) or str(err))
+                index += 1
 
-    where = train_data_dir if train_data_dir is not None else dataset_name
-    return len(source), items(), str(where)
+    return count, items(), where
 
 
 def image_batches(
     items: Iterator[ImageItem],
-    limit: int,
+    limit: float,
     resolution: int,
     channels: int,
     batch_size: int,

@@ -298,7 +298,9 @@ def evaluate(
         inception = load_inception(inception_weights)
 
     total, items, description = open_images(train_data_dir, dataset_name, dataset_split, image_column)
-    total = total if num_images is None else min(total, num_images)
+    if num_images is not None:
+        total = num_images if total is None else min(total, num_images)
+    limit = total if total is not None else float("inf")
     max_channels = max(e.adapter.latent_channels for e in entries)
     columns = ["image", "vae", "index", *METRICS]
     columns += [f"latent_mean_{c}" for c in range(max_channels)] + [f"latent_std_{c}" for c in range(max_channels)]
@@ -316,7 +318,7 @@ def evaluate(
     io_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-io")
     writes: list[Future] = []
     try:
-        batches = image_batches(items, total, resolution, channels, batch_size, skipped)
+        batches = image_batches(items, limit, resolution, channels, batch_size, skipped)
         for batch in _prefetched(batches, io_thread):
             batch_items = [item for item, _ in batch]
             pixels = torch.stack([tensor for _, tensor in batch])

@@ -19,13 +19,14 @@ built-in photographs (scikit-image), written with the same library that reads th
 """
 
 from .clips import ClipOptions, VideoClip, clips_from_file, plan_clips
-from .frames import frames_to_tensor, load_clip, read_frames, tensor_to_frames
+from .frames import frames_to_tensor, load_clip, prepare_clip, read_frames, tensor_to_frames
 from .probe import (
     DEFAULT_SEQUENCE_FPS,
     VFR_TOLERANCE,
     VIDEO_EXTENSIONS,
     VideoError,
     VideoInfo,
+    has_videos,
     import_av,
     list_videos,
     probe,
@@ -45,11 +46,13 @@ __all__ = [
     "VideoInfo",
     "clips_from_file",
     "frames_to_tensor",
+    "has_videos",
     "import_av",
     "list_videos",
     "load_clip",
     "pan_zoom_frames",
     "plan_clips",
+    "prepare_clip",
     "probe",
     "probe_image_sequence",
     "probe_video",

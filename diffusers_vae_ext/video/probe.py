@@ -198,3 +198,8 @@ def list_videos(root: str | os.PathLike) -> list[Path]:
             f"No videos ({', '.join(VIDEO_EXTENSIONS)}) or image-sequence folders found in {str(root)!r}."
         )
     return sorted(found)
+
+
+def has_videos(root: str | os.PathLike) -> bool:
+    """Whether a folder holds video files (`VIDEO_EXTENSIONS`) anywhere below it: then it is read as videos."""
+    return any(p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS for p in Path(root).rglob("*"))
