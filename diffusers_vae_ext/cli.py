@@ -469,7 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
         "optionally labelled: LABEL=PATH; repeat for several",
     )
     eval_input = evaluate.add_mutually_exclusive_group()
-    eval_input.add_argument("--train_data_dir", default=None, help="image folder (recursive)")
+    eval_input.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="image folder, webdataset .tar shards or parquet files, local or URL (as `diffusers-vae cache` takes them)",
+    )
     eval_input.add_argument("--dataset_name", default=None, help="datasets name, or a folder saved with save_to_disk")
     evaluate.add_argument("--dataset_split", default="train")
     evaluate.add_argument("--image_column", default=None, help="dataset image column (default: image)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,3 +346,21 @@ def test_a_class_that_cannot_take_one_frame_is_refused(tmp_path):
     adapter.valid_num_frames = lambda num_frames: num_frames > 1  # as a class with clips of 4k + 1, k >= 1 would
     with pytest.raises(ValueError, match="cannot evaluate single images"):
         evaluate([EvalVAE("clips only", adapter)], tmp_path, resolution=RESOLUTION, show_progress=False)
+
+
+def test_webdataset_shards_give_the_same_rows_as_the_folder(tmp_path, photo_dir):
+    """Any input the latent cache takes: webdataset tars (no count up front) read through the cache's sources."""
+    import tarfile
+
+    names = sorted(p.name for p in photo_dir.glob("*.png") if p.name != "broken.png")[:3]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "000000.tar", "w") as tar:
+        for name in names:
+            tar.add(photo_dir / name, arcname=name)  # webdataset key = the name without its extension
+    vae = as_autoencoder(make_vae(0))
+    options = dict(resolution=RESOLUTION, num_images=3, save_patches=False, show_progress=False)
+    from_tars = evaluate([EvalVAE("a", vae)], tmp_path / "tars", train_data_dir=shards, **options)
+    from_folder = evaluate([EvalVAE("a", vae)], tmp_path / "folder", train_data_dir=photo_dir, **options)
+    assert [r["image"] for r in from_tars.rows] == [f"000000.tar/{Path(n).stem}" for n in names]
+    assert [r["psnr"] for r in from_tars.rows] == [r["psnr"] for r in from_folder.rows]
