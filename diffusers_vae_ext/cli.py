@@ -253,6 +253,48 @@ def _cmd_convert_lpips(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import run_eval
+
+    try:
+        run_eval(
+            args.vae,
+            args.output_dir,
+            device=args.device,
+            screenshot=args.screenshot,
+            train_data_dir=args.train_data_dir,
+            dataset_name=args.dataset_name,
+            dataset_split=args.dataset_split,
+            image_column=args.image_column,
+            resolution=args.resolution,
+            num_images=args.num_images,
+            batch_size=args.batch_size,
+            lpips_weights=args.lpips_weights,
+            inception_weights=args.inception_weights,
+            check_fp16=args.check_fp16,
+            fp16_images=args.fp16_images,
+            patch_size=args.patch_size,
+            seed=args.seed,
+            show_progress=not args.no_progress,
+        )
+    except (OSError, ValueError) as err:  # OSError: diffusers' "no such model folder or repo"
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_convert_inception(args: argparse.Namespace) -> int:
+    from .evaluation.inception import convert_inception_weights
+
+    try:
+        written = convert_inception_weights(args.input, args.output)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"FID Inception weights written to {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-vae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -412,6 +454,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: ~/.cache/diffusers_vae_ext/lpips_vgg.safetensors (found automatically)",
     )
     convert_lpips.set_defaults(func=_cmd_convert_lpips)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="compare VAEs on your images: PSNR/SSIM/LPIPS/rFID, latent scaling, fp16 safety; report.html",
+        description="Reconstruct images with one or more VAEs and write report.html, report.md, metrics.csv and "
+        "metrics.jsonl (see docs/evaluation.md).",
+    )
+    evaluate.add_argument(
+        "--vae",
+        action="append",
+        required=True,
+        help="a VAE folder of any supported class (by its config's _class_name; a pipeline folder's vae/ is found), "
+        "optionally labelled: LABEL=PATH; repeat for several",
+    )
+    eval_input = evaluate.add_mutually_exclusive_group()
+    eval_input.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="image folder, webdataset .tar shards or parquet files, local or URL (as `diffusers-vae cache` takes them)",
+    )
+    eval_input.add_argument("--dataset_name", default=None, help="datasets name, or a folder saved with save_to_disk")
+    evaluate.add_argument("--dataset_split", default="train")
+    evaluate.add_argument("--image_column", default=None, help="dataset image column (default: image)")
+    evaluate.add_argument("--output_dir", required=True, help="where the report and rows are written")
+    evaluate.add_argument("--resolution", type=int, default=256, help="centre crops of this square size")
+    evaluate.add_argument("--num_images", type=int, default=None, help="only the first N images")
+    evaluate.add_argument("--batch_size", type=int, default=4)
+    evaluate.add_argument("--lpips_weights", default=None, help="LPIPS safetensors (`diffusers-vae convert-lpips`)")
+    evaluate.add_argument(
+        "--inception_weights", default=None, help="FID Inception safetensors (`diffusers-vae convert-inception`)"
+    )
+    evaluate.add_argument("--check_fp16", action="store_true", help="also check each VAE in float16 and bfloat16")
+    evaluate.add_argument("--fp16_images", type=int, default=4, help="images used by --check_fp16")
+    evaluate.add_argument("--patch_size", type=int, default=None, help="worst-patch crop size (default res/2, <=128)")
+    evaluate.add_argument("--seed", type=int, default=0, help="posterior samples for the suggested scaling_factor")
+    evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    evaluate.add_argument("--screenshot", action="store_true", help="also render report.png with headless Chromium")
+    evaluate.add_argument("--no_progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    convert_inception = commands.add_parser(
+        "convert-inception",
+        help="convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth to the safetensors file rFID loads",
+    )
+    convert_inception.add_argument("--input", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+    convert_inception.add_argument("--output", required=True, help="e.g. fid_inception.safetensors")
+    convert_inception.set_defaults(func=_cmd_convert_inception)
     return parser
 
 

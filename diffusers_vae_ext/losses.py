@@ -248,18 +248,28 @@ class LPIPS(nn.Module):
         """Distance per image, shape (N,), between images `x` and `y` in [-1, 1] of shape (N, C, H, W), C in {1, 3}."""
         if x.shape != y.shape:
             raise ValueError(f"LPIPS inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
+        features = self.features_of(torch.cat([x, y]))
+        return self.distance([f.chunk(2)[0] for f in features], [f.chunk(2)[1] for f in features])
+
+    def features_of(self, x: Tensor) -> list[Tensor]:
+        """The unit-normalised VGG features LPIPS compares, for images in [-1, 1] (N, 1 or 3, H, W).
+
+        With `distance`, lets an evaluation compute a reference image's features once and compare several
+        reconstructions against them; `forward(x, y)` equals `distance(features_of(x), features_of(y))`.
+        """
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"LPIPS expects (N, 1 or 3, H, W) images, got {tuple(x.shape)}.")
         if x.shape[1] == 1:
-            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+            x = x.expand(-1, 3, -1, -1)
         dtype = self.features[0].weight.dtype
-        batch = torch.cat([x, y]).to(dtype)
-        batch = (batch - self.shift.to(dtype)) / self.scale.to(dtype)
+        x = (x.to(dtype) - self.shift.to(dtype)) / self.scale.to(dtype)
+        return [_unit_normalize(tap) for tap in self._taps(x)]
+
+    def distance(self, features_x: list[Tensor], features_y: list[Tensor]) -> Tensor:
+        """Distance per image (N,) between two lists of `features_of` outputs."""
         distance = 0
-        for tap, head in zip(self._taps(batch), self.heads):
-            tap_x, tap_y = tap.chunk(2)
-            diff = (_unit_normalize(tap_x) - _unit_normalize(tap_y)).square()
-            distance = distance + head(diff).mean(dim=(1, 2, 3))
+        for tap_x, tap_y, head in zip(features_x, features_y, self.heads):
+            distance = distance + head((tap_x - tap_y).square()).mean(dim=(1, 2, 3))
         return distance
 
 

@@ -38,15 +38,14 @@ def ssim(reference: torch.Tensor, reconstruction: torch.Tensor, window_size: int
     data_range=1, channel_axis=0)` defaults (borders of half a window excluded, as there).
     """
     a, b = _to_unit_range(reference), _to_unit_range(reconstruction)
-    channels = a.shape[1]
     if min(a.shape[-2:]) < window_size:
         raise ValueError(f"SSIM needs images of at least {window_size}x{window_size} pixels, got {a.shape[-2:]}.")
-    window = torch.full((channels, 1, window_size, window_size), 1.0 / window_size**2, dtype=torch.float64)
     n = window_size**2
     cov_norm = n / (n - 1)
 
     def filt(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, window, groups=channels)
+        # The uniform window's mean over valid positions; avg_pool2d is ~10x faster than a float64 depthwise conv.
+        return F.avg_pool2d(x, window_size, stride=1)
 
     mu_a, mu_b = filt(a), filt(b)
     var_a = cov_norm * (filt(a * a) - mu_a**2)

@@ -39,7 +39,7 @@ import torch.nn as nn
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
-from . import losses
+from . import fp16_safe, losses
 from .data import (
     EpochShuffleSampler,
     TrainingImageDataset,
@@ -162,6 +162,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "config (default: on when training from scratch, off when fine-tuning)",
     )
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    fp16_safe.add_arguments(parser)
     args = parser.parse_args(argv)
 
     if args.pretrained_model_name_or_path and args.model_config:
@@ -180,6 +181,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    fp16_safe.check_arguments(args, parser)
     return args
 
 
@@ -518,6 +520,10 @@ def train(args: argparse.Namespace) -> Path:
     if resolution % vae.downsampling_factor:
         raise ValueError(f"--resolution {resolution} must be divisible by the VAE factor {vae.downsampling_factor}.")
     channels = vae.config.in_channels
+    recipe = None
+    if args.fp16_safe:  # teacher = the starting VAE; the student is rescaled, then trained to match it
+        calibration = fp16_safe.calibration_pixels(train_images, resolution, channels, resize_to=args.resize_to)
+        recipe = fp16_safe.FP16SafeRecipe.from_args(vae, args, calibration)
     vae.train()
     if args.train_decoder_only:
         vae.encoder.requires_grad_(False)
@@ -711,6 +717,9 @@ def train(args: argparse.Namespace) -> Path:
                         loss = loss + d_weight * g_loss
                         logs.update(g_loss=g_loss.item(), d_weight=d_weight.item())
 
+                    if recipe is not None:
+                        loss, recipe_logs = recipe.loss(pixels, noise, reconstructions, moments)
+                        logs.update(recipe_logs)
                     finite = torch.isfinite(loss.detach()).float().reshape(1)
                     finite = bool(accelerator.gather(finite).min() > 0)  # every rank skips together
                     if finite:
@@ -800,6 +809,8 @@ def train(args: argparse.Namespace) -> Path:
         if args.max_train_steps % args.validation_steps:
             validate(unwrapped_vae, validation_pixels, global_step, args, accelerator)
         unwrapped_vae.save_pretrained(output_dir, safe_serialization=True)
+        if recipe is not None:
+            recipe.finish(unwrapped_vae, validation_pixels, output_dir)
         if args.recompute_scaling_factor:
             _recompute_scaling_factor(unwrapped_vae, train_images, resolution, channels, args, output_dir)
         curve = plot_loss_curve(log_path, metrics_path, output_dir / "loss_curve.png")
