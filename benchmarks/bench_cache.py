@@ -7,7 +7,7 @@ Rows (each a ratio of two runs made back to back, alternating, `--repeats` times
   naive `for batch: vae.encode(batch)` loop with PIL decoding in the main process, each ÷ the encoder alone on
   the same batches, already in memory (goal for the cache: >= 0.9);
 - `s3`: webdataset shards in an S3 bucket -> cache in an S3 bucket ÷ the same images as a local folder -> local
-  cache, at `--s3_resolution` (moto's S3 server on 127.0.0.1 in this process; goal >= 0.9);
+  cache, at `--s3_resolution` (moto's S3 server on 127.0.0.1 in its own process; goal >= 0.9);
 - `first_batch`: time from `precompute_latents(...)` to the first encoded batch, and peak RSS by then (main
   process plus its workers), with 1000 webdataset shards on S3 ÷ with 10 (each in a fresh subprocess;
   goals <= 1.5 and <= 1.2), given as a prefix (one LIST of all shards: the only step that grows with their
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import platform
 import random
@@ -155,17 +154,34 @@ def put_shards(fs, prefix: str, images: list, per_shard: int, count: int | None 
 
 
 def start_moto():
-    """moto's S3 server on 127.0.0.1 and an s3fs client; endpoint and test credentials go to the environment."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on 127.0.0.1 in its own process, and an s3fs client; endpoint and credentials go to the
+    environment. Its own process: real object storage does not share this interpreter's GIL with the encoder."""
+    import socket
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    import requests
+    import s3fs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            requests.get(endpoint, timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    else:
+        server.kill()
+        raise RuntimeError(f"moto's S3 server did not start on {endpoint}")
     os.environ.update(
         {
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "bench",
             "AWS_SECRET_ACCESS_KEY": "bench",
             "AWS_DEFAULT_REGION": "us-east-1",
@@ -449,7 +465,8 @@ def main() -> None:
             rows.extend(video_rows(args, workdir))
     finally:
         if server is not None:
-            server.stop()
+            server.terminate()
+            server.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"\n{cpu_description()}")
