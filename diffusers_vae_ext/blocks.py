@@ -27,29 +27,54 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
 from diffusers.models.upsampling import Upsample2D
 
+from .hardware import working_memory_format
+
 # Which 3x3 kernel rows feed each of the two taps of a sub-pixel phase. Output row 2i reads upsampled rows
 # 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps: kernel row 0 | rows 1+2); output row 2i+1 reads input rows i, i, i+1
 # (taps: rows 0+1 | row 2). The same holds for columns.
 _SUBPIXEL_FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 
-def run_encoder(encoder: nn.Module, sample: torch.Tensor) -> torch.Tensor:
-    """`encoder(sample)` for diffusers' `Encoder`, through the fast path when it applies; returns a contiguous tensor."""
-    if type(encoder) is not Encoder or not _fast_path_applies(encoder, sample):
+def run_encoder(encoder: nn.Module, sample: torch.Tensor, float32_output: bool = False) -> torch.Tensor:
+    """`encoder(sample)` for diffusers' `Encoder`, through the fast path when it applies; returns a contiguous tensor.
+
+    Args:
+        encoder (`nn.Module`): the encoder; anything but diffusers' `Encoder` runs its own forward.
+        sample (`torch.Tensor`): images (N, C, H, W) in the encoder's dtype.
+        float32_output (`bool`, defaults to `False`): on the fast path, run the last convolution in float32 and
+            return float32 moments, so a half-precision encoder's moments are rounded once, by the caller, instead
+            of inside the convolution (it runs at the latent resolution, so this costs next to nothing).
+    """
+    if type(encoder) is not Encoder or not fast_path_applies(encoder, sample):
         return encoder(sample)
     hidden = encoder.conv_in(_to_working_format(sample))
     for block in encoder.down_blocks:
         hidden = _down_block(block, hidden)
     hidden = _mid_block(encoder.mid_block, hidden)
     hidden = _norm_act(encoder.conv_norm_out, encoder.conv_act, hidden)
+    if float32_output and type(encoder.conv_out) is nn.Conv2d:
+        return conv_float32(encoder.conv_out, hidden).contiguous()
     return encoder.conv_out(hidden).contiguous()
+
+
+def conv_float32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` computed in float32 whatever the dtypes of `x` and the weights (and outside any autocast)."""
+    if (
+        x.dtype == torch.float32
+        and conv.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        return conv(x)
+    with torch.autocast(x.device.type, enabled=False):
+        bias = conv.bias.float() if conv.bias is not None else None
+        return conv._conv_forward(x.float(), conv.weight.float(), bias)
 
 
 def run_decoder(decoder: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """`decoder(latents)` for diffusers' `Decoder`, through the fast path when it applies; returns a contiguous tensor."""
     # A spatial-norm (MoVQ) decoder needs latent embeddings at every norm: leave it to diffusers.
     spatial = not isinstance(getattr(decoder, "conv_norm_out", None), nn.GroupNorm)
-    if type(decoder) is not Decoder or spatial or not _fast_path_applies(decoder, latents):
+    if type(decoder) is not Decoder or spatial or not fast_path_applies(decoder, latents):
         return decoder(latents)
     hidden = decoder.conv_in(_to_working_format(latents))
     hidden = _mid_block(decoder.mid_block, hidden)
@@ -60,7 +85,8 @@ def run_decoder(decoder: nn.Module, latents: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- gating
-def _fast_path_applies(root: nn.Module, x: torch.Tensor) -> bool:
+def fast_path_applies(root: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `run_encoder`/`run_decoder` may run `root` on `x` themselves (no autograd recording, no hooks)."""
     # In-place ops and weight folding are only safe when autograd records nothing.
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in root.parameters())):
         return False
@@ -79,8 +105,9 @@ def _is_hooked(module: nn.Module) -> bool:
 
 
 def _to_working_format(x: torch.Tensor) -> torch.Tensor:
-    # channels_last pays off for oneDNN on CPU; elsewhere keep the caller's layout (no measured gain to claim).
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+    # channels_last on CPU (oneDNN) and for half precision on CUDA (cuDNN's tensor cores); see hardware.py.
+    memory_format = working_memory_format(x.device, x.dtype)
+    return x.contiguous(memory_format=memory_format) if memory_format == torch.channels_last else x
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -16,7 +16,6 @@ from diffusers.models.autoencoders.vae import (
     AutoencoderMixin,
     Decoder,
     DecoderOutput,
-    DiagonalGaussianDistribution,
     Encoder,
 )
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
@@ -24,7 +23,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
 
-from .blocks import run_decoder, run_encoder
+from .blocks import conv_float32, fast_path_applies, run_decoder, run_encoder
+from .posterior import HALF_DTYPES, LatentPosterior
 from .tiling import TiledAutoencoderMixin, tiled_decode, tiled_encode
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -208,9 +208,15 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and self._tiles_needed(x.shape[-2], x.shape[-1]):
             return tiled_encode(self, x)
-        moments = run_encoder(self.encoder, x) if self.use_fast_path else self.encoder(x)
+        if not self.use_fast_path:
+            moments = self.encoder(x)
+            return self.quant_conv(moments) if self.quant_conv is not None else moments
+        # Half-precision models: the encoder's last convolution and quant_conv (both at the latent resolution, so
+        # nearly free) run in float32, and `LatentPosterior` takes the moments from there.
+        half = _activation_dtype(x) in HALF_DTYPES and fast_path_applies(self.encoder, x)
+        moments = run_encoder(self.encoder, x, float32_output=half)
         if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+            moments = conv_float32(self.quant_conv, moments) if half else self.quant_conv(moments)
         return moments
 
     @apply_forward_hook
@@ -225,7 +231,8 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
             moments = torch.cat([self._encode(x_slice) for x_slice in x.split(1)])
         else:
             moments = self._encode(x)
-        posterior = DiagonalGaussianDistribution(moments)
+        # Handed out in the dtype diffusers' encoder would produce; computed in float32 for half models.
+        posterior = LatentPosterior(moments, dtype=_activation_dtype(x))
         if not return_dict:
             return (posterior,)
         return AutoencoderKLOutput(latent_dist=posterior)
@@ -345,6 +352,13 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
 # Pipelines record `[module, class]` in model_index.json; the package name keeps it `["diffusers_vae_ext",
 # "AutoencoderKL"]` and stable across refactors of our module layout.
 AutoencoderKL.__module__ = "diffusers_vae_ext"
+
+
+def _activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the encoder's convolutions produce for input `x`: the autocast dtype under autocast, else x's."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def _require_safetensors(folder: Path) -> None:
