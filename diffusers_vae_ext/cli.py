@@ -7,10 +7,37 @@ import json
 import sys
 from pathlib import Path
 
+# The spellings `hardware.parse_dtype` accepts (not imported from there: that would import torch for `--help`).
+DTYPE_CHOICES = "fp32/float32, bf16/bfloat16, fp16/float16 or auto"
+
+
+def _dtype_arg(value: str) -> str:
+    """argparse type: any spelling `hardware.parse_dtype` accepts, kept as given until the device is known."""
+    from .hardware import parse_dtype
+
+    try:
+        parse_dtype(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def _resolved_dtype(value: str, device: str, short: bool = False) -> str:
+    """The dtype name a package function takes (`"bfloat16"`, or with `short` `"bf16"`); says which path runs."""
+    from .hardware import announce_path, dtype_name, resolve_dtype
+
+    dtype = resolve_dtype(value, device)
+    announce_path(device, dtype)
+    return dtype_name(dtype, short=short)
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .hardware import describe_path
     from .modeling import AutoencoderKL, weights_fingerprint
 
+    if args.path is None:  # `diffusers-vae info` alone: only the machine and the path chosen on it
+        print(f"execution path: {describe_path()}")
+        return 0
     vae = AutoencoderKL.from_pretrained(args.path, subfolder=args.subfolder or "")
     config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     num_params = sum(p.numel() for p in vae.parameters())
@@ -18,6 +45,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters: {num_params:,}")
     print(f"downsampling factor: {vae.downsampling_factor}")
     print(f"fingerprint: {weights_fingerprint(vae)}")
+    print(f"execution path: {describe_path()}")
     return 0
 
 
@@ -46,6 +74,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    import torch
+
     from .scaling import run_stats
 
     try:
@@ -61,7 +91,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             seed=args.seed,
             convention=args.convention,
             write_config=args.write_config,
-            dtype=args.dtype,
+            dtype=_resolved_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu"),
             dataloader_num_workers=args.dataloader_num_workers,
             show_progress=not args.no_progress,
         )
@@ -72,6 +102,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
+    import torch
+
     from .cache import CacheMismatchError, precompute_latents
 
     try:
@@ -89,7 +121,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             buckets=args.buckets,
             flip=args.flip,
             max_upscale=args.max_upscale,
-            dtype=args.dtype,
+            dtype=_resolved_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu", short=True),
             batch_size=args.batch_size,
             num_workers=args.dataloader_num_workers,
             shard_size=args.shard_size,
@@ -105,6 +137,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
     from .data import list_image_files
+    from .hardware import announce_path, resolve_dtype
     from .modeling import AutoencoderKL
     from .reconstruct import format_report, reconstruct_images, report_json
 
@@ -112,7 +145,9 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     for path in map(Path, args.images):
         paths.extend(list_image_files(path) if path.is_dir() else [path])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.subfolder or "").to(device).eval()
+    dtype = resolve_dtype(args.dtype, device)
+    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.subfolder or "", torch_dtype=dtype).to(device).eval()
+    announce_path(device, dtype)
     results = reconstruct_images(
         vae,
         paths,
@@ -150,8 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
-    info = commands.add_parser("info", help="print a VAE folder's config and a fingerprint of its weights")
-    info.add_argument("path", help="VAE folder (or a pipeline folder with --subfolder vae)")
+    info = commands.add_parser(
+        "info",
+        help="print a VAE folder's config, a fingerprint of its weights, and the execution path on this machine",
+    )
+    info.add_argument("path", nargs="?", default=None, help="VAE folder (or a pipeline folder with --subfolder vae)")
     info.add_argument("--subfolder", default=None)
     info.set_defaults(func=_cmd_info)
 
@@ -188,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which config keys to compute and write (default: the convention the VAE config already uses)",
     )
     stats.add_argument("--write_config", action="store_true", help="update the VAE folder's config.json")
-    stats.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    stats.add_argument("--dtype", type=_dtype_arg, default="float32", help=f"encode dtype: {DTYPE_CHOICES}")
     stats.add_argument("--dataloader_num_workers", type=int, default=0)
     stats.add_argument("--no_progress", action="store_true", help="no progress bar")
     stats.set_defaults(func=_cmd_stats)
@@ -211,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image)")
     reconstruct.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    reconstruct.add_argument(
+        "--dtype",
+        type=_dtype_arg,
+        default="float32",
+        help=f"{DTYPE_CHOICES}; auto: bfloat16 where it is native (AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else float32",
+    )
     reconstruct.set_defaults(func=_cmd_reconstruct)
     cache = commands.add_parser(
         "cache",
@@ -235,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--max_upscale", type=float, default=2.0, help="skip images needing more upscaling to cover their target"
     )
-    cache.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage and encode dtype")
+    cache.add_argument("--dtype", type=_dtype_arg, default="fp32", help=f"storage and encode dtype: {DTYPE_CHOICES}")
     cache.add_argument("--batch_size", type=int, default=8)
     cache.add_argument("--dataloader_num_workers", type=int, default=2)
     cache.add_argument("--shard_size", type=int, default=512, help="about this many samples per shard")
