@@ -186,6 +186,17 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
                 f"{width // factor * factor or factor}."
             )
 
+    def _check_dtype(self, x: torch.Tensor, method: str) -> None:
+        # Without autocast, a convolution refuses mixed dtypes with a message about "bias type"; say what to do.
+        weights = self.dtype
+        if x.dtype == weights or torch.is_autocast_enabled(x.device.type):
+            return
+        names = [str(d).removeprefix("torch.") for d in (x.dtype, weights)]
+        raise ValueError(
+            f"{method}() got {names[0]} input but the VAE's weights are {names[1]}: pass x.to(vae.dtype), or cast "
+            f"the VAE with vae.to(torch.{names[0]})."
+        )
+
     def _check_latents(self, z: torch.Tensor) -> None:
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"decode() expects a torch.Tensor of shape (N, C, h, w), got {type(z).__name__}.")
@@ -227,6 +238,7 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
         `return_dict=False`). H and W must be divisible by `downsampling_factor`.
         """
         self._check_images(x)
+        self._check_dtype(x, "encode")
         if self.use_slicing and x.shape[0] > 1:
             moments = torch.cat([self._encode(x_slice) for x_slice in x.split(1)])
         else:
@@ -255,6 +267,7 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
         `generator` is accepted because pipelines pass it; this decoder is deterministic and does not use it.
         """
         self._check_latents(z)
+        self._check_dtype(z, "decode")
         if self.use_slicing and z.shape[0] > 1:
             decoded = torch.cat([self._decode(z_slice) for z_slice in z.split(1)])
         else:
