@@ -4,11 +4,19 @@ diffusers' `Encoder`/`Decoder` (and their `ResnetBlock2D`, `Attention`, `Upsampl
 parameter holders, so state dicts and saved folders are unchanged; `run_encoder`/`run_decoder` only execute them
 differently:
 
-- on CPU, activations are channels_last (NHWC): oneDNN convolutions are faster on it, and the mid-block attention
-  reads and writes its token matrix with no transposes;
+- activations are channels_last (NHWC) on CPU, and for half precision on CUDA (`hardware.working_memory_format`):
+  oneDNN's (and cuDNN's tensor-core) convolutions are faster on it, and the mid-block attention reads and writes
+  its token matrix with no transposes;
 - nearest 2x upsampling followed by the 3x3 convolution is computed as one 2x2 "sub-pixel" convolution on the
   small input (16/36 of the multiply-adds), whose four phases are interleaved into the output;
 - SiLU and the residual adds run in place, and divisions by an output scale factor of 1 are skipped.
+
+A bfloat16 (or float16) model given input in its dtype runs the same path in that dtype, with oneDNN's native
+bf16 kernels where the CPU has them (AMX-BF16, AVX512-BF16; see `hardware.py`). What keeps quality stays float32:
+GroupNorm statistics (PyTorch's CPU and CUDA kernels accumulate half inputs in float32), the attention logits and
+softmax (SDPA's kernels accumulate in float32, so logits are never rounded to bf16), and the encoder's last
+convolution (`run_encoder(..., float32_output=True)`), whose float32 moments `posterior.LatentPosterior` turns into
+mean, log-variance, std and draws.
 
 The fast path runs only when autograd does not record (inference, or frozen weights); training keeps diffusers'
 own forward, so gradients and gradient checkpointing are exactly diffusers'. Anything it does not recognise runs
