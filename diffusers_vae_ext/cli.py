@@ -32,18 +32,29 @@ def _resolved_dtype(value: str, device: str, short: bool = False) -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .autoencoders import load_autoencoder
     from .hardware import describe_path
-    from .modeling import AutoencoderKL, weights_fingerprint
+    from .modeling import weights_fingerprint
 
     if args.path is None:  # `diffusers-vae info` alone: only the machine and the path chosen on it
         print(f"execution path: {describe_path()}")
         return 0
-    vae = AutoencoderKL.from_pretrained(args.path, subfolder=args.subfolder or "")
+    try:
+        adapter = load_autoencoder(args.path, subfolder=args.subfolder or None)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    vae = adapter.vae
     config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     num_params = sum(p.numel() for p in vae.parameters())
     print(json.dumps(config, indent=2, default=list))
+    print(f"class: {adapter.class_name}")
     print(f"parameters: {num_params:,}")
-    print(f"downsampling factor: {vae.downsampling_factor}")
+    print(f"downsampling factor: {adapter.spatial_factor}")
+    if adapter.is_video:
+        print(f"temporal factor: {adapter.temporal_factor} (clips of {adapter.frame_multiple}k + 1 frames)")
+    print(f"latent channels: {adapter.latent_channels} ({'posterior' if adapter.has_posterior else 'deterministic'})")
+    print(f"scaling convention: {adapter.convention.convention}")
     print(f"fingerprint: {weights_fingerprint(vae)}")
     print(f"execution path: {describe_path()}")
     return 0
@@ -73,10 +84,41 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clip_options(args: argparse.Namespace):
+    from .video import ClipOptions
+
+    return ClipOptions(
+        num_frames=args.num_frames,
+        frame_stride=args.frame_stride,
+        fps=args.fps,
+        max_frames=args.max_frames,
+        clips_per_video=args.clips_per_video,
+        sequence_fps=args.sequence_fps,
+    )
+
+
+def _add_video_options(parser: argparse.ArgumentParser, max_frames: int | None) -> None:
+    """The clip options shared by `stats` and `reconstruct` (see `video.ClipOptions`)."""
+    video = parser.add_argument_group("videos")
+    video.add_argument("--num_frames", type=int, default=None, help="frames per clip (video VAEs: e.g. 4k+1)")
+    rate = video.add_mutually_exclusive_group()
+    rate.add_argument("--frame_stride", type=int, default=None, help="take every n-th frame")
+    rate.add_argument("--fps", type=float, default=None, help="resample to this frame rate by timestamps")
+    video.add_argument(
+        "--max_frames",
+        type=int,
+        default=max_frames,
+        help="without --num_frames: at most this many frames per clip, rounded down to a count the VAE encodes",
+    )
+    video.add_argument("--clips_per_video", type=int, default=1, help="non-overlapping clips spread over each video")
+    video.add_argument("--image_sequence", action="store_true", help="folders of frames are videos")
+    video.add_argument("--sequence_fps", type=float, default=24.0, help="frame rate of image sequences")
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     import torch
 
-    from .scaling import run_stats
+    from .stats import run_stats
 
     try:
         run_stats(
@@ -94,6 +136,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             dtype=_resolved_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu"),
             dataloader_num_workers=args.dataloader_num_workers,
             show_progress=not args.no_progress,
+            clip_options=_clip_options(args),
+            image_sequences=args.image_sequence,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -133,33 +177,82 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_inputs(inputs: list[str], image_sequences: bool) -> tuple[list[Path], list[Path]]:
+    """Image files and videos (files, or image-sequence folders with --image_sequence) named or found in folders."""
+    from .data import IMAGE_EXTENSIONS
+    from .video import VIDEO_EXTENSIONS
+
+    images: list[Path] = []
+    videos: list[Path] = []
+    for path in map(Path, inputs):
+        if path.is_dir() and image_sequences:
+            videos.append(path)
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            found_images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            found_videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
+            if not found_images and not found_videos:
+                raise ValueError(
+                    f"No images ({', '.join(IMAGE_EXTENSIONS)}) or videos ({', '.join(VIDEO_EXTENSIONS)}) found "
+                    f"in {str(path)!r}."
+                )
+            images.extend(found_images)
+            videos.extend(found_videos)
+        elif path.suffix.lower() in VIDEO_EXTENSIONS:
+            videos.append(path)
+        else:
+            images.append(path)
+    return images, videos
+
+
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import list_image_files
+    from .autoencoders import load_autoencoder
     from .hardware import announce_path, resolve_dtype
-    from .modeling import AutoencoderKL
-    from .reconstruct import format_report, reconstruct_images, report_json
-
-    paths = []
-    for path in map(Path, args.images):
-        paths.extend(list_image_files(path) if path.is_dir() else [path])
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(args.dtype, device)
-    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.subfolder or "", torch_dtype=dtype).to(device).eval()
-    announce_path(device, dtype)
-    results = reconstruct_images(
-        vae,
-        paths,
-        output_dir=args.output_dir,
-        size_policy=args.size_policy,
-        sample_posterior=args.sample_posterior,
-        seed=args.seed,
+    from .reconstruct import (
+        format_report,
+        format_video_report,
+        reconstruct_images,
+        reconstruct_videos,
+        report_json,
     )
-    print(format_report(results, args.size_policy, vae.downsampling_factor))
-    print(report_json(results, args.size_policy))
-    if not any(result.ok for result in results):
-        print("No image could be reconstructed.", file=sys.stderr)
+
+    try:
+        images, videos = _split_inputs(args.images, args.image_sequence)
+        options = _clip_options(args)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(args.dtype, device)
+        adapter = load_autoencoder(args.vae, subfolder=args.subfolder or None, torch_dtype=dtype)
+        adapter.vae.to(device).eval()
+        announce_path(device, dtype)
+        if args.tiling:
+            adapter.enable_tiling()
+        common = dict(output_dir=args.output_dir, size_policy=args.size_policy, seed=args.seed)
+        results = (
+            reconstruct_images(adapter, images, sample_posterior=args.sample_posterior, **common) if images else []
+        )
+        video_results = None
+        if videos:
+            video_results = reconstruct_videos(
+                adapter,
+                videos,
+                clip_options=options,
+                resolution=args.resolution,
+                output_format=args.video_format,
+                sample_posterior=args.sample_posterior,
+                **common,
+            )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if images or not videos:
+        print(format_report(results, args.size_policy, adapter.size_multiple))
+    if video_results is not None:
+        print(format_video_report(video_results))
+    print(report_json(results, args.size_policy, video_results))
+    if not any(result.ok for result in [*results, *(video_results or [])]):
+        print(f"No image{' or clip' if videos else ''} could be reconstructed.", file=sys.stderr)
         return 1
     return 0
 
@@ -201,13 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser(
         "stats",
-        help="measure scaling_factor, shift_factor and per-channel latents_mean/latents_std from data",
-        description="Latent statistics for a VAE config (see docs/scaling.md). Runs under `accelerate launch`.",
+        help="measure scaling_factor, shift_factor and per-channel latents_mean/latents_std from images or videos",
+        description="Latent statistics for any supported autoencoder, written where its pipelines read them (see "
+        "docs/scaling.md and docs/autoencoders.md). Runs under `accelerate launch`.",
     )
-    stats.add_argument("--vae", required=True, help="VAE folder or hub repo (a pipeline with --subfolder vae)")
+    stats.add_argument("--vae", required=True, help="autoencoder folder or hub repo (a pipeline: --subfolder vae)")
     stats.add_argument("--subfolder", default=None)
     source = stats.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train_data_dir", default=None, help="folder of images (recursive)")
+    source.add_argument(
+        "--train_data_dir", default=None, help="folder of images, or of videos (.mp4 .webm .mov .mkv; recursive)"
+    )
     source.add_argument("--cache_dir", default=None, help="a latent cache written by `diffusers-vae cache`")
     stats.add_argument("--num_images", type=int, default=None, help="a seeded random subset of this many")
     stats.add_argument("--resolution", type=int, default=512, help="centre crop to this square size")
@@ -223,21 +319,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--convention",
         choices=("scale", "shift", "per_channel"),
         default=None,
-        help="which config keys to compute and write (default: the convention the VAE config already uses)",
+        help="which keys to compute and write (default: the convention the class's pipelines / the config use)",
     )
-    stats.add_argument("--write_config", action="store_true", help="update the VAE folder's config.json")
+    stats.add_argument(
+        "--write_config",
+        action="store_true",
+        help="write the numbers into the folder where its pipelines read them (config.json; weights for LTX/FLUX.2)",
+    )
     stats.add_argument("--dtype", type=_dtype_arg, default="float32", help=f"encode dtype: {DTYPE_CHOICES}")
     stats.add_argument("--dataloader_num_workers", type=int, default=0)
     stats.add_argument("--no_progress", action="store_true", help="no progress bar")
+    _add_video_options(stats, max_frames=33)
     stats.set_defaults(func=_cmd_stats)
 
     reconstruct = commands.add_parser(
-        "reconstruct", help="encode+decode images, write input|reconstruction PNGs, print PSNR/SSIM"
+        "reconstruct",
+        help="encode+decode images and videos with any supported autoencoder, write input|reconstruction files, "
+        "print PSNR/SSIM",
+        description="Images give side-by-side PNGs; videos (.mp4 .webm .mov .mkv, or image-sequence folders with "
+        "--image_sequence) give side-by-side mp4 or animated WebP clips with PSNR/SSIM per clip (means over its "
+        "frames). See docs/autoencoders.md.",
     )
-    reconstruct.add_argument("images", nargs="+", help="image files or folders of images")
-    reconstruct.add_argument("--vae", required=True, help="VAE folder or hub repo (safetensors only)")
+    reconstruct.add_argument("images", nargs="+", help="image files, video files, or folders of them")
+    reconstruct.add_argument("--vae", required=True, help="autoencoder folder or hub repo (safetensors only)")
     reconstruct.add_argument("--subfolder", default=None, help='e.g. "vae" for a pipeline folder or repo')
-    reconstruct.add_argument("--output-dir", required=True, help="where the side-by-side PNGs are written")
+    reconstruct.add_argument("--output-dir", required=True, help="where the side-by-side files are written")
     reconstruct.add_argument(
         "--size-policy",
         choices=("pad", "crop"),
@@ -247,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument(
         "--sample-posterior", action="store_true", help="decode a posterior draw instead of its mean"
     )
-    reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image)")
+    reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image or clip)")
     reconstruct.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     reconstruct.add_argument(
         "--dtype",
@@ -255,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help=f"{DTYPE_CHOICES}; auto: bfloat16 where it is native (AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else float32",
     )
+    reconstruct.add_argument("--tiling", action="store_true", help="enable the autoencoder's tiling")
+    _add_video_options(reconstruct, max_frames=33)
+    reconstruct.add_argument("--resolution", type=int, default=None, help="resize video frames to this short side")
+    reconstruct.add_argument("--video_format", choices=("mp4", "webp"), default="mp4", help="side-by-side clips")
     reconstruct.set_defaults(func=_cmd_reconstruct)
     cache = commands.add_parser(
         "cache",

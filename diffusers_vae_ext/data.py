@@ -95,11 +95,14 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
 
 
 def to_model_channels(tensor: torch.Tensor, channels: int) -> torch.Tensor:
-    """Adapt an RGB tensor (3, H, W) to a model with 1 or 3 input channels (1 = luminance, ITU-R 601)."""
+    """Adapt an RGB tensor (3, H, W) (or a video (3, T, H, W)) to a model with 1 or 3 input channels.
+
+    1 channel = luminance, ITU-R 601 weights.
+    """
     if channels == tensor.shape[0]:
         return tensor
     if channels == 1 and tensor.shape[0] == 3:
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=tensor.dtype).view(3, 1, 1)
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=tensor.dtype).view(3, *([1] * (tensor.ndim - 1)))
         return (tensor * weights).sum(0, keepdim=True)
     raise ValueError(f"Cannot adapt a {tensor.shape[0]}-channel image to a model with {channels} input channels.")
 

@@ -322,10 +322,10 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted_run(workdir, vae_dir, ph
     # The child sleeps after each shard so the kill lands mid-run, not after the last shard.
     slow = (
         "import sys, time\n"
-        "import diffusers_vae_ext.cache as cache\n"
-        "write = cache._write_shard\n"
+        "import diffusers_vae_ext.cache.writer as writer\n"
+        "write = writer.write_shard\n"
         "def slow_write(*args, **kwargs):\n    write(*args, **kwargs)\n    time.sleep(0.4)\n"
-        "cache._write_shard = slow_write\n"
+        "writer.write_shard = slow_write\n"
         "from diffusers_vae_ext.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

@@ -61,6 +61,35 @@ def test_reconstruct_dtype_bf16_matches_fp32_and_says_which_path(vae_folder, pho
     assert psnrs["bf16"] == pytest.approx(psnrs["float32"], abs=0.5)
 
 
+def test_reconstruct_dtype_reaches_other_autoencoder_classes(tmp_path, photo_folder, capsys):
+    """Non-KL classes load through the adapter in the requested dtype: AutoencoderTiny in bf16 reconstructs like
+    the same weights in fp32 (not a silent fp32 run: the loaded model's dtype is checked)."""
+    from autoencoder_configs import build_tiny
+
+    from diffusers_vae_ext import autoencoders
+
+    build_tiny("AutoencoderTiny", seed=3).save_pretrained(tmp_path / "taesd")
+    loaded = []
+    load = autoencoders.load_autoencoder
+
+    def recording_load(*args, **kwargs):
+        adapter = load(*args, **kwargs)
+        loaded.append(adapter.dtype)
+        return adapter
+
+    psnrs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(autoencoders, "load_autoencoder", recording_load)
+        for dtype in ("fp32", "bfloat16"):
+            argv = ["reconstruct", str(photo_folder), "--vae", str(tmp_path / "taesd"), "--output-dir",
+                    str(tmp_path / dtype), "--dtype", dtype]  # fmt: skip
+            assert main(argv) == 0
+            report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            psnrs[dtype] = [row["psnr"] for row in report["images"]]
+    assert loaded == [torch.float32, torch.bfloat16]
+    assert psnrs["bfloat16"] == pytest.approx(psnrs["fp32"], abs=0.5)
+
+
 @pytest.mark.parametrize(
     "command, given, expected",
     [("cache", "bfloat16", "bf16"), ("cache", "fp16", "fp16"), ("stats", "bf16", "bfloat16"),
@@ -74,7 +103,7 @@ def test_cache_and_stats_accept_both_spellings(monkeypatch, tmp_path, command, g
         monkeypatch.setattr(module, "precompute_latents", lambda *a, **kw: seen.update(kw))
         argv = ["cache", "--vae", "v", "--train_data_dir", "d", "--output_dir", str(tmp_path), "--dtype", given]
     else:
-        import diffusers_vae_ext.scaling as module
+        import diffusers_vae_ext.stats as module
 
         monkeypatch.setattr(module, "run_stats", lambda *a, **kw: seen.update(kw))
         argv = ["stats", "--vae", "v", "--train_data_dir", "d", "--dtype", given]

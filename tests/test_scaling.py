@@ -14,11 +14,11 @@ import torch
 from conftest import make_vae
 from PIL import Image
 
+from diffusers_vae_ext import stats as stats_module
 from diffusers_vae_ext.data import pil_to_tensor, sample_photos, write_sample_photos
 from diffusers_vae_ext.scaling import (
     LatentStatistics,
     estimate_latent_statistics,
-    run_stats,
     scale_latents,
     scaling_convention,
     unscale_latents,
@@ -428,7 +428,7 @@ def test_run_stats_reports_and_writes_the_config(stats_folders, tmp_path, capsys
     config = json.loads((folder / "config.json").read_text())
     config["my_note"] = "keep me"
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    record = run_stats(
+    record = stats_module.run_stats(
         str(folder),
         train_data_dir=str(images),
         num_images=8,
@@ -502,15 +502,15 @@ def test_empty_folder_and_non_images_give_clear_errors(stats_folders, tmp_path, 
     for name in ("a.png", "b.jpg", "c.webp"):
         (fakes / name).write_bytes(b"\x00garbage" * 10)
     with pytest.raises(ValueError, match="No images found"):
-        run_stats(str(vae), train_data_dir=str(empty), resolution=32, show_progress=False)
+        stats_module.run_stats(str(vae), train_data_dir=str(empty), resolution=32, show_progress=False)
     with pytest.raises(ValueError, match="No images found"):
-        run_stats(str(vae), train_data_dir=str(texts), resolution=32, show_progress=False)
+        stats_module.run_stats(str(vae), train_data_dir=str(texts), resolution=32, show_progress=False)
     with pytest.raises(ValueError, match="None of the 3 samples .* could be used"):
-        run_stats(str(vae), train_data_dir=str(fakes), resolution=32, show_progress=False)
+        stats_module.run_stats(str(vae), train_data_dir=str(fakes), resolution=32, show_progress=False)
     with pytest.raises(ValueError, match="multiple of the VAE's downsampling factor 4"):
-        run_stats(str(vae), train_data_dir=str(fakes), resolution=30, show_progress=False)
+        stats_module.run_stats(str(vae), train_data_dir=str(fakes), resolution=30, show_progress=False)
     with pytest.raises(FileNotFoundError):
-        run_stats(str(vae), train_data_dir=str(tmp_path / "missing"), resolution=32, show_progress=False)
+        stats_module.run_stats(str(vae), train_data_dir=str(tmp_path / "missing"), resolution=32, show_progress=False)
 
     from diffusers_vae_ext.cli import main
 
@@ -539,10 +539,10 @@ def test_cache_dir_reads_unscaled_latents_through_the_cache_reader(stats_folders
         def __getitem__(self, index):
             return {"latents": latents[index].float(), "caption": ""}
 
-    stand_in = type(sys)("diffusers_vae_ext.cache")
-    stand_in.LatentCacheDataset = StandInCacheDataset
-    monkeypatch.setitem(sys.modules, "diffusers_vae_ext.cache", stand_in)
-    record = run_stats(str(vae), cache_dir="some/cache", sample_posterior=False, seed=3, show_progress=False)
+    monkeypatch.setattr(stats_module, "LatentCacheDataset", StandInCacheDataset)
+    record = stats_module.run_stats(
+        str(vae), cache_dir="some/cache", sample_posterior=False, seed=3, show_progress=False
+    )
     assert calls == [dict(path="some/cache", sample_posterior=False, seed=3, scale=False)]
     expected = LatentStatistics()
     for z in latents:
@@ -550,7 +550,7 @@ def test_cache_dir_reads_unscaled_latents_through_the_cache_reader(stats_folders
     assert record["num_images"] == 30 and record["count"] == expected.count
     assert rel(record["scaling_factor"], expected.scaling_factor) < 1e-12
     assert rel(record["scaling_factor_stderr"], expected.scaling_factor_stderr) < 1e-9
-    subset = run_stats(str(vae), cache_dir="some/cache", num_images=10, show_progress=False)
+    subset = stats_module.run_stats(str(vae), cache_dir="some/cache", num_images=10, show_progress=False)
     assert subset["num_images"] == 10
     assert '"sample_posterior": false' in capsys.readouterr().out
 
@@ -569,8 +569,8 @@ def test_cache_dir_statistics_equal_those_of_the_images(stats_folders, tmp_path)
     torch.set_num_threads(1)  # batch-independent convolutions: the two runs batch the photos differently
     try:
         common = dict(resolution=32, sample_posterior=False, show_progress=False)
-        from_images = run_stats(str(vae), train_data_dir=str(images), **common)
-        from_cache = run_stats(str(vae), cache_dir=str(cache), **common)
+        from_images = stats_module.run_stats(str(vae), train_data_dir=str(images), **common)
+        from_cache = stats_module.run_stats(str(vae), cache_dir=str(cache), **common)
     finally:
         torch.set_num_threads(threads)
     assert from_cache["num_images"] == from_images["num_images"] == 16
