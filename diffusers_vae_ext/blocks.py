@@ -9,7 +9,11 @@ differently:
   its token matrix with no transposes;
 - nearest 2x upsampling followed by the 3x3 convolution is computed as one 2x2 "sub-pixel" convolution on the
   small input (16/36 of the multiply-adds), whose four phases are interleaved into the output;
-- SiLU and the residual adds run in place, and divisions by an output scale factor of 1 are skipped.
+- on CPU, convolutions run through oneDNN with their weights packed once into its blocked layout (`conv2d`;
+  PyTorch's `conv2d` re-packs them on every call, which costs up to a third of a 512-channel 3x3 convolution at
+  32x32), and each ResNet block's residual add is fused into its second convolution, written into the shortcut;
+  the packed copies (as large as the weights) are rebuilt when the weights change;
+- SiLU runs in place, and divisions by an output scale factor of 1 are skipped.
 
 A bfloat16 (or float16) model given input in its dtype runs the same path in that dtype, with oneDNN's native
 bf16 kernels where the CPU has them (AMX-BF16, AVX512-BF16; see `hardware.py`). What keeps quality stays float32:
@@ -26,11 +30,16 @@ attention processors (`set_attn_processor`, fused QKV), other block types, spati
 
 from __future__ import annotations
 
+import functools
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.autoencoders.vae import Decoder, Encoder
+from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
 from diffusers.models.upsampling import Upsample2D
@@ -55,14 +64,14 @@ def run_encoder(encoder: nn.Module, sample: torch.Tensor, float32_output: bool =
     """
     if type(encoder) is not Encoder or not fast_path_applies(encoder, sample):
         return encoder(sample)
-    hidden = encoder.conv_in(_to_working_format(sample))
+    hidden = conv2d(encoder.conv_in, _to_working_format(sample))
     for block in encoder.down_blocks:
         hidden = _down_block(block, hidden)
     hidden = _mid_block(encoder.mid_block, hidden)
     hidden = _norm_act(encoder.conv_norm_out, encoder.conv_act, hidden)
     if float32_output and type(encoder.conv_out) is nn.Conv2d:
         return conv_float32(encoder.conv_out, hidden).contiguous()
-    return encoder.conv_out(hidden).contiguous()
+    return conv2d(encoder.conv_out, hidden).contiguous()
 
 
 def conv_float32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -84,12 +93,12 @@ def run_decoder(decoder: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     spatial = not isinstance(getattr(decoder, "conv_norm_out", None), nn.GroupNorm)
     if type(decoder) is not Decoder or spatial or not fast_path_applies(decoder, latents):
         return decoder(latents)
-    hidden = decoder.conv_in(_to_working_format(latents))
+    hidden = conv2d(decoder.conv_in, _to_working_format(latents))
     hidden = _mid_block(decoder.mid_block, hidden)
     for block in decoder.up_blocks:
         hidden = _up_block(block, hidden)
     hidden = _norm_act(decoder.conv_norm_out, decoder.conv_act, hidden)
-    return decoder.conv_out(hidden).contiguous()
+    return conv2d(decoder.conv_out, hidden).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------- gating
@@ -136,7 +145,7 @@ def _down_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     for resnet in block.resnets:
         hidden = _resnet(resnet, hidden)
     for downsampler in block.downsamplers or ():
-        hidden = downsampler(hidden)
+        hidden = _downsample(downsampler, hidden)
     return hidden
 
 
@@ -162,6 +171,7 @@ def _mid_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _resnet(resnet: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # `x` is an activation of this path, not needed after the block: its buffer may receive the output.
     plain = (
         type(resnet) is ResnetBlock2D
         and resnet.time_emb_proj is None
@@ -172,13 +182,13 @@ def _resnet(resnet: nn.Module, x: torch.Tensor) -> torch.Tensor:
     )
     if not plain:
         return resnet(x, None)
-    hidden = resnet.conv1(_norm_act(resnet.norm1, resnet.nonlinearity, x))
+    hidden = conv2d(resnet.conv1, _norm_act(resnet.norm1, resnet.nonlinearity, x))
     hidden = _norm_act(resnet.norm2, resnet.nonlinearity, hidden)
     if resnet.dropout.p > 0 and resnet.dropout.training:
         hidden = resnet.dropout(hidden)
-    hidden = resnet.conv2(hidden)
-    # conv2's output is fresh: add the shortcut into it instead of allocating a sum.
-    hidden += resnet.conv_shortcut(x) if resnet.conv_shortcut is not None else x
+    shortcut = conv2d(resnet.conv_shortcut, x) if resnet.conv_shortcut is not None else x
+    # conv2 adds its output into the shortcut's buffer (fused into the convolution on CPU): no new tensor.
+    hidden = conv2d(resnet.conv2, hidden, accumulate=shortcut)
     if resnet.output_scale_factor != 1:
         hidden /= resnet.output_scale_factor
     return hidden
@@ -233,7 +243,115 @@ def _upsample(upsampler: nn.Module, x: torch.Tensor) -> torch.Tensor:
     )
     if not plain:
         return upsampler(x)
-    return upsample_nearest2x_conv3x3(x, conv.weight, conv.bias)
+    return upsample_nearest2x_conv3x3(x, conv.weight, conv.bias, cache_owner=conv)
+
+
+def _downsample(downsampler: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # As diffusers' Downsample2D: with padding=0, one row and column of zeros at the bottom/right, then the strided
+    # convolution (here through `conv2d`).
+    conv = getattr(downsampler, "conv", None)
+    plain = type(downsampler) is Downsample2D and downsampler.use_conv and downsampler.norm is None
+    if not plain or type(conv) is not nn.Conv2d:
+        return downsampler(x)
+    return conv2d(conv, F.pad(x, (0, 1, 0, 1), mode="constant", value=0) if downsampler.padding == 0 else x)
+
+
+# --------------------------------------------------------------------------------------------------- convolutions
+# Per convolution module: {use: (key, weight, bias)}, the weights in the form the path runs (packed for oneDNN,
+# or folded into sub-pixel phases). Weak keys: a module's entries go with it; `copy.deepcopy` copies no cache.
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return ()
+    bf16 = (torch.bfloat16,) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
+    return (torch.float32, *bf16)
+
+
+def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.dtype in _onednn_dtypes()
+        and torch.backends.mkldnn.enabled
+        # Autocast casts F.conv2d's inputs itself; the oneDNN op would run them in their own dtype.
+        and not torch.is_autocast_enabled("cpu")
+        and x.is_contiguous(memory_format=torch.channels_last)
+        # Packed weights are kept per weights version; inference tensors have none (see `_prepared`).
+        and not weight.is_inference()
+    )
+
+
+def _prepared(
+    owner: nn.Module,
+    use: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    prepare: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`prepare(weight, bias)`, kept for `owner` and rebuilt when a tensor is replaced, moved, cast or updated in
+    place (an optimizer step or `load_state_dict` bumps its `_version`)."""
+    tensors = (weight, bias)
+    if any(t is not None and t.is_inference() for t in tensors):
+        # Inference tensors (weights created under `torch.inference_mode()`) keep no version counter, so an
+        # in-place update could not be seen: prepare on every call (what F.conv2d does anyway).
+        return prepare(weight, bias)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
+    entries = _PREPARED.setdefault(owner, {})
+    entry = entries.get(use)
+    # The weak references rule out a new tensor that reuses a freed one's address and version.
+    if entry is None or entry[1] != key or any(ref() is not t for ref, t in zip(entry[0], tensors)):
+        refs = tuple(weakref.ref(t) if t is not None else _none_ref for t in tensors)
+        entry = entries[use] = (refs, key, *prepare(weight, bias))
+    return entry[2], entry[3]
+
+
+def _none_ref() -> None:
+    return None
+
+
+def _onednn_pack(weight: torch.Tensor, conv_args: tuple) -> torch.Tensor:
+    padding, stride, dilation, groups = conv_args
+    # An empty input size: the layout oneDNN picks for any input (measured as fast as a per-size one).
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups, [])
+
+
+def conv2d(conv: nn.Module, x: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+    """`conv(x)`, or `accumulate += conv(x)` (returned) with `accumulate` given, on the fastest kernel at hand.
+
+    On CPU (float32, and bfloat16 where oneDNN has it) a plain `nn.Conv2d` runs oneDNN's convolution on weights
+    packed once, with the accumulation fused into it; elsewhere `conv(x)` then an in-place add.
+
+    Args:
+        conv (`nn.Module`): the convolution; anything but a zero-padded `nn.Conv2d` is called as it is.
+        x (`torch.Tensor`): the input (N, C, H, W), channels_last for the oneDNN kernel.
+        accumulate (`torch.Tensor`, *optional*): a tensor of the output's shape and dtype that this path owns; it
+            is overwritten with the sum.
+    """
+    plain = (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and _uses_onednn(x, conv.weight)
+        and (
+            accumulate is None
+            or (accumulate.dtype == x.dtype and accumulate.is_contiguous(memory_format=torch.channels_last))
+        )
+    )
+    if not plain:
+        out = conv(x)
+        if accumulate is None:
+            return out
+        return accumulate.add_(out)
+    conv_args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    weight, bias = _prepared(conv, "onednn", conv.weight, conv.bias, lambda w, b: (_onednn_pack(w, conv_args), b))
+    if accumulate is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv_args, "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        accumulate, x, weight, bias, *conv_args, "add", None, None, [], None
+    )
 
 
 # --------------------------------------------------------------------------------------------------- sub-pixel
@@ -255,19 +373,42 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     return folded.reshape(4 * out_channels, 2, 2, in_channels).permute(0, 3, 1, 2).to(weight.dtype)
 
 
-def upsample_nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def upsample_nearest2x_conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache_owner: nn.Module | None = None
+) -> torch.Tensor:
     """`conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` with 16/36 of the MACs.
 
     Every output pixel (2i + a, 2j + b) of the upsampled convolution sees only a 2x2 neighbourhood of `x`, with
     kernel rows/columns summed per phase. One 2x2 convolution with the four phase kernels stacked as output
     channels, over `x` padded by 1, gives (H + 1) x (W + 1) positions; phase (a, b) is its [a : a + H, b : b + W]
     window, copied into the interleaved output (a cheap pass next to the saved convolution work).
+
+    Args:
+        x (`torch.Tensor`): the input (N, C, H, W).
+        weight (`torch.Tensor`), bias (`torch.Tensor`, *optional*): the 3x3 convolution's parameters.
+        cache_owner (`nn.Module`, *optional*): the module holding `weight`; given, the folded (and on CPU packed)
+            phase kernels are kept for it and rebuilt only when the weights change.
     """
     batch, _, height, width = x.shape
     out_channels = weight.shape[0]
-    phase_bias = bias.repeat(4) if bias is not None else None
-    phase_weight = subpixel_weight(weight).contiguous(memory_format=_memory_format(x))
-    phases = F.conv2d(x, phase_weight, phase_bias, padding=1)
+    conv_args = ([1, 1], [1, 1], [1, 1], 1)
+    onednn = _uses_onednn(x, weight)
+
+    def fold(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        folded = subpixel_weight(w)
+        folded = _onednn_pack(folded, conv_args) if onednn else folded.contiguous(memory_format=_memory_format(x))
+        return folded, b.repeat(4) if b is not None else None
+
+    if cache_owner is None:
+        phase_weight, phase_bias = fold(weight, bias)
+    else:
+        phase_weight, phase_bias = _prepared(
+            cache_owner, "subpixel_onednn" if onednn else "subpixel", weight, bias, fold
+        )
+    if onednn:
+        phases = torch.ops.mkldnn._convolution_pointwise(x, phase_weight, phase_bias, *conv_args, "none", [], "")
+    else:
+        phases = F.conv2d(x, phase_weight, phase_bias, padding=1)
     out = torch.empty(
         (batch, out_channels, 2 * height, 2 * width),
         dtype=phases.dtype,
