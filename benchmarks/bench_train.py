@@ -4,10 +4,13 @@ Each variant runs the real training script in a subprocess on the built-in photo
 process's own) and reports the median of the logged per-step times after warm-up. The "bare step" row times
 the minimal fine-tuning step (encode, sample, decode, L1 + KL, backward, AdamW) with diffusers' own
 AutoencoderKL on the same config and batch, in this process: the ratio ours / bare is what the loop's extras
-(logging, non-finite checks, EMA, accelerate) cost.
+(logging, non-finite checks, EMA, accelerate) cost. The loop's variants run in fp32 (`--mixed_precision no`);
+the last rows are bf16 autocast and the default (`auto`: bf16 autocast where bf16 is native, see
+`diffusers_vae_ext/hardware.py`).
 
     python benchmarks/bench_train.py                # small_rgb, 64x64, batch 8
     python benchmarks/bench_train.py --steps 40 --resolution 128
+    python benchmarks/bench_train.py --demo         # README command 1 in full: default vs --mixed_precision no
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 VARIANTS = {
-    "plain (L1 + KL)": [],
-    "+ EMA": ["--use_ema"],
-    "+ discriminator from step 0": ["--disc_start", "0"],
-    "+ gradient checkpointing": ["--gradient_checkpointing"],
+    "plain (L1 + KL), fp32": ["--mixed_precision", "no"],
+    "+ EMA": ["--mixed_precision", "no", "--use_ema"],
+    "+ discriminator from step 0": ["--mixed_precision", "no", "--disc_start", "0"],
+    "+ gradient checkpointing": ["--mixed_precision", "no", "--gradient_checkpointing"],
     "bf16 autocast": ["--mixed_precision", "bf16"],
+    "default (--mixed_precision auto)": [],
 }
 
 
@@ -57,6 +61,33 @@ def run_variant(extra: list[str], steps: int, resolution: int, batch: int, threa
         peak = next(int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("PEAK_RSS_KB"))
     times = [row["seconds"] for row in rows[max(1, len(rows) // 4) :]]  # skip warm-up steps
     return {"seconds": statistics.median(times), "peak_mib": peak / 1024}
+
+
+def run_demo(mixed_precision: str, threads: int) -> dict:
+    """README command 1 in full (`accelerate launch --num_cpu_threads_per_process N scripts/finetune_vae.py`),
+    with `--mixed_precision` set; returns its wall time, median s/step, end held-out PSNR and the mixed precision
+    it reported using."""
+    with tempfile.TemporaryDirectory() as out:
+        argv = [
+            sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", str(threads),
+            str(REPO / "scripts" / "finetune_vae.py"), "--output_dir", out, "--mixed_precision", mixed_precision,
+            "--no_progress",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        start = time.perf_counter()
+        result = subprocess.run(argv, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if result.returncode:
+            raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
+        rows = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines() if line]
+        metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+    used = next((line for line in result.stdout.splitlines() if line.startswith("Mixed precision")), "")
+    return {
+        "wall": wall,
+        "seconds_per_step": statistics.median(row["seconds"] for row in rows[len(rows) // 4 :]),
+        "psnr": metrics[-1]["psnr"],
+        "mixed_precision": used.split()[2] if used else mixed_precision,
+    }
 
 
 def bare_step_seconds(steps: int, resolution: int, batch: int, threads: int) -> float:
@@ -90,7 +121,24 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--demo", action="store_true", help="instead: README command 1 in full, default vs --mixed_precision no"
+    )
     args = parser.parse_args()
+    from diffusers_vae_ext.hardware import describe_path
+
+    print(f"path: {describe_path()}; load average {os.getloadavg()}")
+    if args.demo:
+        runs = {mode: run_demo(mode, args.threads) for mode in ("auto", "no")}
+        print(f"{'README command 1':32s} {'wall s':>8s} {'s/step':>8s} {'PSNR dB':>8s}")
+        for mode, run in runs.items():
+            name = f"--mixed_precision {mode} ({run['mixed_precision']})"
+            print(f"{name:32s} {run['wall']:8.1f} {run['seconds_per_step']:8.3f} {run['psnr']:8.2f}")
+        ratio = runs["auto"]["seconds_per_step"] / runs["no"]["seconds_per_step"]
+        print(
+            f"default / fp32 s/step {ratio:.2f}; PSNR difference {runs['auto']['psnr'] - runs['no']['psnr']:+.2f} dB"
+        )
+        return
 
     bare = bare_step_seconds(args.steps, args.resolution, args.batch, args.threads)
     print(

@@ -4,11 +4,26 @@ diffusers' `Encoder`/`Decoder` (and their `ResnetBlock2D`, `Attention`, `Upsampl
 parameter holders, so state dicts and saved folders are unchanged; `run_encoder`/`run_decoder` only execute them
 differently:
 
-- on CPU, activations are channels_last (NHWC): oneDNN convolutions are faster on it, and the mid-block attention
-  reads and writes its token matrix with no transposes;
+- activations are channels_last (NHWC) on CPU, and for half precision on CUDA (`hardware.working_memory_format`):
+  oneDNN's (and cuDNN's tensor-core) convolutions are faster on it, and the mid-block attention reads and writes
+  its token matrix with no transposes;
 - nearest 2x upsampling followed by the 3x3 convolution is computed as one 2x2 "sub-pixel" convolution on the
   small input (16/36 of the multiply-adds), whose four phases are interleaved into the output;
-- SiLU and the residual adds run in place, and divisions by an output scale factor of 1 are skipped.
+- on CPU, convolutions run through oneDNN with their weights packed once into its blocked layout (`conv2d`;
+  PyTorch's `conv2d` re-packs them on every call, which costs up to a third of a 512-channel 3x3 convolution at
+  32x32), and each ResNet block's residual add is fused into its second convolution, written into the shortcut;
+  the packed copies (as large as the weights) are rebuilt when the weights change;
+- SiLU runs in place, and divisions by an output scale factor of 1 are skipped;
+- in float32 on CPU, GroupNorm over planes of 2^17 pixels or more (512x512 and up) takes its statistics band by
+  band through PyTorch's NCHW kernel (`group_norm_channels_last`): its channels_last kernel is off by ~2e-4 there,
+  which would take the output more than 1e-4 away from diffusers' (default-layout) result.
+
+A bfloat16 (or float16) model given input in its dtype runs the same path in that dtype, with oneDNN's native
+bf16 kernels where the CPU has them (AMX-BF16, AVX512-BF16; see `hardware.py`). What keeps quality stays float32:
+GroupNorm statistics (PyTorch's CPU and CUDA kernels accumulate half inputs in float32), the attention logits and
+softmax (SDPA's kernels accumulate in float32, so logits are never rounded to bf16), and the encoder's last
+convolution (`run_encoder(..., float32_output=True)`), whose float32 moments `posterior.LatentPosterior` turns into
+mean, log-variance, std and draws.
 
 The fast path runs only when autograd does not record (inference, or frozen weights); training keeps diffusers'
 own forward, so gradients and gradient checkpointing are exactly diffusers'. Anything it does not recognise runs
@@ -18,14 +33,21 @@ attention processors (`set_attn_processor`, fused QKV), other block types, spati
 
 from __future__ import annotations
 
+import functools
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.autoencoders.vae import Decoder, Encoder
+from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
 from diffusers.models.upsampling import Upsample2D
+
+from .hardware import working_memory_format
 
 # Which 3x3 kernel rows feed each of the two taps of a sub-pixel phase. Output row 2i reads upsampled rows
 # 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps: kernel row 0 | rows 1+2); output row 2i+1 reads input rows i, i, i+1
@@ -33,34 +55,58 @@ from diffusers.models.upsampling import Upsample2D
 _SUBPIXEL_FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 
-def run_encoder(encoder: nn.Module, sample: torch.Tensor) -> torch.Tensor:
-    """`encoder(sample)` for diffusers' `Encoder`, through the fast path when it applies; returns a contiguous tensor."""
-    if type(encoder) is not Encoder or not _fast_path_applies(encoder, sample):
+def run_encoder(encoder: nn.Module, sample: torch.Tensor, float32_output: bool = False) -> torch.Tensor:
+    """`encoder(sample)` for diffusers' `Encoder`, through the fast path when it applies; returns a contiguous tensor.
+
+    Args:
+        encoder (`nn.Module`): the encoder; anything but diffusers' `Encoder` runs its own forward.
+        sample (`torch.Tensor`): images (N, C, H, W) in the encoder's dtype.
+        float32_output (`bool`, defaults to `False`): on the fast path, run the last convolution in float32 and
+            return float32 moments, so a half-precision encoder's moments are rounded once, by the caller, instead
+            of inside the convolution (it runs at the latent resolution, so this costs next to nothing).
+    """
+    if type(encoder) is not Encoder or not fast_path_applies(encoder, sample):
         return encoder(sample)
-    hidden = encoder.conv_in(_to_working_format(sample))
+    hidden = conv2d(encoder.conv_in, _to_working_format(sample))
     for block in encoder.down_blocks:
         hidden = _down_block(block, hidden)
     hidden = _mid_block(encoder.mid_block, hidden)
     hidden = _norm_act(encoder.conv_norm_out, encoder.conv_act, hidden)
-    return encoder.conv_out(hidden).contiguous()
+    if float32_output and type(encoder.conv_out) is nn.Conv2d:
+        return conv_float32(encoder.conv_out, hidden).contiguous()
+    return conv2d(encoder.conv_out, hidden).contiguous()
+
+
+def conv_float32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` computed in float32 whatever the dtypes of `x` and the weights (and outside any autocast)."""
+    if (
+        x.dtype == torch.float32
+        and conv.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        return conv(x)
+    with torch.autocast(x.device.type, enabled=False):
+        bias = conv.bias.float() if conv.bias is not None else None
+        return conv._conv_forward(x.float(), conv.weight.float(), bias)
 
 
 def run_decoder(decoder: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """`decoder(latents)` for diffusers' `Decoder`, through the fast path when it applies; returns a contiguous tensor."""
     # A spatial-norm (MoVQ) decoder needs latent embeddings at every norm: leave it to diffusers.
     spatial = not isinstance(getattr(decoder, "conv_norm_out", None), nn.GroupNorm)
-    if type(decoder) is not Decoder or spatial or not _fast_path_applies(decoder, latents):
+    if type(decoder) is not Decoder or spatial or not fast_path_applies(decoder, latents):
         return decoder(latents)
-    hidden = decoder.conv_in(_to_working_format(latents))
+    hidden = conv2d(decoder.conv_in, _to_working_format(latents))
     hidden = _mid_block(decoder.mid_block, hidden)
     for block in decoder.up_blocks:
         hidden = _up_block(block, hidden)
     hidden = _norm_act(decoder.conv_norm_out, decoder.conv_act, hidden)
-    return decoder.conv_out(hidden).contiguous()
+    return conv2d(decoder.conv_out, hidden).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------- gating
-def _fast_path_applies(root: nn.Module, x: torch.Tensor) -> bool:
+def fast_path_applies(root: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `run_encoder`/`run_decoder` may run `root` on `x` themselves (no autograd recording, no hooks)."""
     # In-place ops and weight folding are only safe when autograd records nothing.
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in root.parameters())):
         return False
@@ -79,8 +125,9 @@ def _is_hooked(module: nn.Module) -> bool:
 
 
 def _to_working_format(x: torch.Tensor) -> torch.Tensor:
-    # channels_last pays off for oneDNN on CPU; elsewhere keep the caller's layout (no measured gain to claim).
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+    # channels_last on CPU (oneDNN) and for half precision on CUDA (cuDNN's tensor cores); see hardware.py.
+    memory_format = working_memory_format(x.device, x.dtype)
+    return x.contiguous(memory_format=memory_format) if memory_format == torch.channels_last else x
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -90,9 +137,90 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 # --------------------------------------------------------------------------------------------------- blocks
 def _norm_act(norm: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    silu = type(act) is nn.SiLU
+    if _exact_group_norm_applies(norm, x):
+        hidden = group_norm_channels_last(norm, x, silu=silu)
+        return hidden if silu else act(hidden)
     # The norm's output is a fresh tensor, so the activation may overwrite it.
     hidden = norm(x)
-    return F.silu(hidden, inplace=True) if type(act) is nn.SiLU else act(hidden)
+    return F.silu(hidden, inplace=True) if silu else act(hidden)
+
+
+# PyTorch's CPU GroupNorm kernel for channels_last input sums x and x^2 per channel in one float32 pass and takes
+# E[x^2] - E[x]^2: at 512x512 its output is off by ~2e-4 (NCHW input: ~2e-6). Planes of this many pixels or more
+# get exact statistics in float32 (`group_norm_channels_last`); smaller ones stay within ~4e-5 with the kernel.
+_EXACT_GROUP_NORM_PIXELS = 1 << 17
+# Rows of the activation handled at a time by `group_norm_channels_last`: about this many bytes, so each piece
+# stays in cache between its two uses.
+_GROUP_NORM_CHUNK_BYTES = 1 << 23
+
+
+def _exact_group_norm_applies(norm: nn.Module, x: torch.Tensor) -> bool:
+    return (
+        type(norm) is nn.GroupNorm
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.ndim == 4
+        and x.shape[2] * x.shape[3] >= _EXACT_GROUP_NORM_PIXELS
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """`norm(x)` (then SiLU with `silu=True`) for a channels_last `x`, with the statistics of the NCHW kernel.
+
+    The statistics are taken a band of rows at a time: each band is copied to NCHW (in cache) and measured by
+    PyTorch's NCHW kernel (per-row moments, accurate), and the bands are combined in float64 (Chan's formula).
+    The normalisation (and SiLU) then runs band by band, so SiLU reads its input from cache instead of memory.
+
+    Args:
+        norm (`nn.GroupNorm`): the module (its groups, eps and affine parameters are used).
+        x (`torch.Tensor`): (N, C, H, W), channels_last.
+        silu (`bool`, defaults to `False`): apply SiLU to the result.
+    """
+    batch, channels, height, width = x.shape
+    groups = norm.num_groups
+    rows = max(1, _GROUP_NORM_CHUNK_BYTES // (batch * channels * width * x.element_size()))
+    starts = range(0, height, rows)
+    # Flat buffers: a shorter last band is a contiguous view of their start.
+    band = torch.empty(batch * channels * rows * width, dtype=x.dtype, device=x.device)
+    scratch = torch.empty_like(band)
+    means = torch.empty((len(starts), batch, groups), dtype=x.dtype, device=x.device)
+    rstds = torch.empty_like(means)
+    counts = torch.tensor([min(rows, height - start) * width for start in starts], dtype=torch.float64)
+    for index, start in enumerate(starts):
+        size = min(rows, height - start)
+        shape = (batch, channels, size, width)
+        piece = band[: batch * channels * size * width].view(shape)
+        piece.copy_(x[:, :, start : start + size])
+        torch.ops.aten.native_group_norm.out(
+            piece, None, None, batch, channels, size * width, groups, 0.0,
+            out0=scratch[: piece.numel()].view(shape), out1=means[index], out2=rstds[index],
+        )  # fmt: skip
+    # Per band and group: mean and 1 / std (eps 0) -> combined mean and variance of the whole plane.
+    counts = counts.view(-1, 1, 1)
+    band_means = means.double()
+    sums_of_squares = rstds.double().reciprocal().square() * counts
+    total = counts.sum()
+    mean = (band_means * counts).sum(0) / total
+    variance = (sums_of_squares + counts * (band_means - mean) ** 2).sum(0) / total
+    rstd = torch.rsqrt(variance + norm.eps)  # (N, G)
+    per_group = channels // groups
+    scale = rstd.view(batch, groups, 1).expand(batch, groups, per_group)
+    shift = -(mean * rstd).view(batch, groups, 1).expand(batch, groups, per_group)
+    if norm.affine:
+        weight = norm.weight.double().view(1, groups, per_group)
+        shift = shift * weight + norm.bias.double().view(1, groups, per_group)
+        scale = scale * weight
+    scale = scale.reshape(batch, channels, 1, 1).to(x.dtype)
+    shift = shift.reshape(batch, channels, 1, 1).to(x.dtype)
+    out = torch.empty_like(x)
+    for start in starts:
+        piece = out[:, :, start : start + rows]
+        torch.addcmul(shift, x[:, :, start : start + rows], scale, out=piece)
+        if silu:
+            F.silu(piece, inplace=True)
+    return out
 
 
 def _down_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -101,7 +229,7 @@ def _down_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     for resnet in block.resnets:
         hidden = _resnet(resnet, hidden)
     for downsampler in block.downsamplers or ():
-        hidden = downsampler(hidden)
+        hidden = _downsample(downsampler, hidden)
     return hidden
 
 
@@ -127,6 +255,7 @@ def _mid_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _resnet(resnet: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # `x` is an activation of this path, not needed after the block: its buffer may receive the output.
     plain = (
         type(resnet) is ResnetBlock2D
         and resnet.time_emb_proj is None
@@ -137,13 +266,13 @@ def _resnet(resnet: nn.Module, x: torch.Tensor) -> torch.Tensor:
     )
     if not plain:
         return resnet(x, None)
-    hidden = resnet.conv1(_norm_act(resnet.norm1, resnet.nonlinearity, x))
+    hidden = conv2d(resnet.conv1, _norm_act(resnet.norm1, resnet.nonlinearity, x))
     hidden = _norm_act(resnet.norm2, resnet.nonlinearity, hidden)
     if resnet.dropout.p > 0 and resnet.dropout.training:
         hidden = resnet.dropout(hidden)
-    hidden = resnet.conv2(hidden)
-    # conv2's output is fresh: add the shortcut into it instead of allocating a sum.
-    hidden += resnet.conv_shortcut(x) if resnet.conv_shortcut is not None else x
+    shortcut = conv2d(resnet.conv_shortcut, x) if resnet.conv_shortcut is not None else x
+    # conv2 adds its output into the shortcut's buffer (fused into the convolution on CPU): no new tensor.
+    hidden = conv2d(resnet.conv2, hidden, accumulate=shortcut)
     if resnet.output_scale_factor != 1:
         hidden /= resnet.output_scale_factor
     return hidden
@@ -198,7 +327,115 @@ def _upsample(upsampler: nn.Module, x: torch.Tensor) -> torch.Tensor:
     )
     if not plain:
         return upsampler(x)
-    return upsample_nearest2x_conv3x3(x, conv.weight, conv.bias)
+    return upsample_nearest2x_conv3x3(x, conv.weight, conv.bias, cache_owner=conv)
+
+
+def _downsample(downsampler: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # As diffusers' Downsample2D: with padding=0, one row and column of zeros at the bottom/right, then the strided
+    # convolution (here through `conv2d`).
+    conv = getattr(downsampler, "conv", None)
+    plain = type(downsampler) is Downsample2D and downsampler.use_conv and downsampler.norm is None
+    if not plain or type(conv) is not nn.Conv2d:
+        return downsampler(x)
+    return conv2d(conv, F.pad(x, (0, 1, 0, 1), mode="constant", value=0) if downsampler.padding == 0 else x)
+
+
+# --------------------------------------------------------------------------------------------------- convolutions
+# Per convolution module: {use: (key, weight, bias)}, the weights in the form the path runs (packed for oneDNN,
+# or folded into sub-pixel phases). Weak keys: a module's entries go with it; `copy.deepcopy` copies no cache.
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return ()
+    bf16 = (torch.bfloat16,) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
+    return (torch.float32, *bf16)
+
+
+def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.dtype in _onednn_dtypes()
+        and torch.backends.mkldnn.enabled
+        # Autocast casts F.conv2d's inputs itself; the oneDNN op would run them in their own dtype.
+        and not torch.is_autocast_enabled("cpu")
+        and x.is_contiguous(memory_format=torch.channels_last)
+        # Packed weights are kept per weights version; inference tensors have none (see `_prepared`).
+        and not weight.is_inference()
+    )
+
+
+def _prepared(
+    owner: nn.Module,
+    use: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    prepare: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`prepare(weight, bias)`, kept for `owner` and rebuilt when a tensor is replaced, moved, cast or updated in
+    place (an optimizer step or `load_state_dict` bumps its `_version`)."""
+    tensors = (weight, bias)
+    if any(t is not None and t.is_inference() for t in tensors):
+        # Inference tensors (weights created under `torch.inference_mode()`) keep no version counter, so an
+        # in-place update could not be seen: prepare on every call (what F.conv2d does anyway).
+        return prepare(weight, bias)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
+    entries = _PREPARED.setdefault(owner, {})
+    entry = entries.get(use)
+    # The weak references rule out a new tensor that reuses a freed one's address and version.
+    if entry is None or entry[1] != key or any(ref() is not t for ref, t in zip(entry[0], tensors)):
+        refs = tuple(weakref.ref(t) if t is not None else _none_ref for t in tensors)
+        entry = entries[use] = (refs, key, *prepare(weight, bias))
+    return entry[2], entry[3]
+
+
+def _none_ref() -> None:
+    return None
+
+
+def _onednn_pack(weight: torch.Tensor, conv_args: tuple) -> torch.Tensor:
+    padding, stride, dilation, groups = conv_args
+    # An empty input size: the layout oneDNN picks for any input (measured as fast as a per-size one).
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups, [])
+
+
+def conv2d(conv: nn.Module, x: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+    """`conv(x)`, or `accumulate += conv(x)` (returned) with `accumulate` given, on the fastest kernel at hand.
+
+    On CPU (float32, and bfloat16 where oneDNN has it) a plain `nn.Conv2d` runs oneDNN's convolution on weights
+    packed once, with the accumulation fused into it; elsewhere `conv(x)` then an in-place add.
+
+    Args:
+        conv (`nn.Module`): the convolution; anything but a zero-padded `nn.Conv2d` is called as it is.
+        x (`torch.Tensor`): the input (N, C, H, W), channels_last for the oneDNN kernel.
+        accumulate (`torch.Tensor`, *optional*): a tensor of the output's shape and dtype that this path owns; it
+            is overwritten with the sum.
+    """
+    plain = (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and _uses_onednn(x, conv.weight)
+        and (
+            accumulate is None
+            or (accumulate.dtype == x.dtype and accumulate.is_contiguous(memory_format=torch.channels_last))
+        )
+    )
+    if not plain:
+        out = conv(x)
+        if accumulate is None:
+            return out
+        return accumulate.add_(out)
+    conv_args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    weight, bias = _prepared(conv, "onednn", conv.weight, conv.bias, lambda w, b: (_onednn_pack(w, conv_args), b))
+    if accumulate is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv_args, "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        accumulate, x, weight, bias, *conv_args, "add", None, None, [], None
+    )
 
 
 # --------------------------------------------------------------------------------------------------- sub-pixel
@@ -220,19 +457,42 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     return folded.reshape(4 * out_channels, 2, 2, in_channels).permute(0, 3, 1, 2).to(weight.dtype)
 
 
-def upsample_nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def upsample_nearest2x_conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache_owner: nn.Module | None = None
+) -> torch.Tensor:
     """`conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` with 16/36 of the MACs.
 
     Every output pixel (2i + a, 2j + b) of the upsampled convolution sees only a 2x2 neighbourhood of `x`, with
     kernel rows/columns summed per phase. One 2x2 convolution with the four phase kernels stacked as output
     channels, over `x` padded by 1, gives (H + 1) x (W + 1) positions; phase (a, b) is its [a : a + H, b : b + W]
     window, copied into the interleaved output (a cheap pass next to the saved convolution work).
+
+    Args:
+        x (`torch.Tensor`): the input (N, C, H, W).
+        weight (`torch.Tensor`), bias (`torch.Tensor`, *optional*): the 3x3 convolution's parameters.
+        cache_owner (`nn.Module`, *optional*): the module holding `weight`; given, the folded (and on CPU packed)
+            phase kernels are kept for it and rebuilt only when the weights change.
     """
     batch, _, height, width = x.shape
     out_channels = weight.shape[0]
-    phase_bias = bias.repeat(4) if bias is not None else None
-    phase_weight = subpixel_weight(weight).contiguous(memory_format=_memory_format(x))
-    phases = F.conv2d(x, phase_weight, phase_bias, padding=1)
+    conv_args = ([1, 1], [1, 1], [1, 1], 1)
+    onednn = _uses_onednn(x, weight)
+
+    def fold(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        folded = subpixel_weight(w)
+        folded = _onednn_pack(folded, conv_args) if onednn else folded.contiguous(memory_format=_memory_format(x))
+        return folded, b.repeat(4) if b is not None else None
+
+    if cache_owner is None:
+        phase_weight, phase_bias = fold(weight, bias)
+    else:
+        phase_weight, phase_bias = _prepared(
+            cache_owner, "subpixel_onednn" if onednn else "subpixel", weight, bias, fold
+        )
+    if onednn:
+        phases = torch.ops.mkldnn._convolution_pointwise(x, phase_weight, phase_bias, *conv_args, "none", [], "")
+    else:
+        phases = F.conv2d(x, phase_weight, phase_bias, padding=1)
     out = torch.empty(
         (batch, out_channels, 2 * height, 2 * width),
         dtype=phases.dtype,

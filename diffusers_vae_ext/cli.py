@@ -7,11 +7,38 @@ import json
 import sys
 from pathlib import Path
 
+# The spellings `hardware.parse_dtype` accepts (not imported from there: that would import torch for `--help`).
+DTYPE_CHOICES = "fp32/float32, bf16/bfloat16, fp16/float16 or auto"
+
+
+def _dtype_arg(value: str) -> str:
+    """argparse type: any spelling `hardware.parse_dtype` accepts, kept as given until the device is known."""
+    from .hardware import parse_dtype
+
+    try:
+        parse_dtype(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def _resolved_dtype(value: str, device: str, short: bool = False) -> str:
+    """The dtype name a package function takes (`"bfloat16"`, or with `short` `"bf16"`); says which path runs."""
+    from .hardware import announce_path, dtype_name, resolve_dtype
+
+    dtype = resolve_dtype(value, device)
+    announce_path(device, dtype)
+    return dtype_name(dtype, short=short)
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .autoencoders import load_autoencoder
+    from .hardware import describe_path
     from .modeling import weights_fingerprint
 
+    if args.path is None:  # `diffusers-vae info` alone: only the machine and the path chosen on it
+        print(f"execution path: {describe_path()}")
+        return 0
     try:
         adapter = load_autoencoder(args.path, subfolder=args.subfolder or None)
     except (ValueError, FileNotFoundError) as err:
@@ -29,6 +56,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"latent channels: {adapter.latent_channels} ({'posterior' if adapter.has_posterior else 'deterministic'})")
     print(f"scaling convention: {adapter.convention.convention}")
     print(f"fingerprint: {weights_fingerprint(vae)}")
+    print(f"execution path: {describe_path()}")
     return 0
 
 
@@ -88,6 +116,8 @@ def _add_video_options(parser: argparse.ArgumentParser, max_frames: int | None) 
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    import torch
+
     from .stats import run_stats
 
     try:
@@ -103,7 +133,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             seed=args.seed,
             convention=args.convention,
             write_config=args.write_config,
-            dtype=args.dtype,
+            dtype=_resolved_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu"),
             dataloader_num_workers=args.dataloader_num_workers,
             show_progress=not args.no_progress,
             clip_options=_clip_options(args),
@@ -128,6 +158,8 @@ def _json_option(value: str | None, name: str) -> dict | None:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
+    import torch
+
     from .cache import CacheMismatchError, precompute_latents
 
     try:
@@ -145,7 +177,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             buckets=args.buckets,
             flip=args.flip,
             max_upscale=args.max_upscale,
-            dtype=args.dtype,
+            dtype=_resolved_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu", short=True),
             batch_size=args.batch_size,
             num_workers=args.dataloader_num_workers,
             shard_size=args.shard_size,
@@ -196,6 +228,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
     from .autoencoders import load_autoencoder
+    from .hardware import announce_path, resolve_dtype
     from .reconstruct import (
         format_report,
         format_video_report,
@@ -208,8 +241,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         images, videos = _split_inputs(args.images, args.image_sequence)
         options = _clip_options(args)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        adapter = load_autoencoder(args.vae, subfolder=args.subfolder or None)
+        dtype = resolve_dtype(args.dtype, device)
+        adapter = load_autoencoder(args.vae, subfolder=args.subfolder or None, torch_dtype=dtype)
         adapter.vae.to(device).eval()
+        announce_path(device, dtype)
         if args.tiling:
             adapter.enable_tiling()
         common = dict(output_dir=args.output_dir, size_policy=args.size_policy, seed=args.seed)
@@ -304,8 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
-    info = commands.add_parser("info", help="print a VAE folder's config and a fingerprint of its weights")
-    info.add_argument("path", help="VAE folder (or a pipeline folder with --subfolder vae)")
+    info = commands.add_parser(
+        "info",
+        help="print a VAE folder's config, a fingerprint of its weights, and the execution path on this machine",
+    )
+    info.add_argument("path", nargs="?", default=None, help="VAE folder (or a pipeline folder with --subfolder vae)")
     info.add_argument("--subfolder", default=None)
     info.set_defaults(func=_cmd_info)
 
@@ -349,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the numbers into the folder where its pipelines read them (config.json; weights for LTX/FLUX.2)",
     )
-    stats.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    stats.add_argument("--dtype", type=_dtype_arg, default="float32", help=f"encode dtype: {DTYPE_CHOICES}")
     stats.add_argument("--dataloader_num_workers", type=int, default=0)
     stats.add_argument("--no_progress", action="store_true", help="no progress bar")
     _add_video_options(stats, max_frames=33)
@@ -378,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconstruct.add_argument("--seed", type=int, default=0, help="seed of the posterior draw (per image or clip)")
     reconstruct.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    reconstruct.add_argument(
+        "--dtype",
+        type=_dtype_arg,
+        default="float32",
+        help=f"{DTYPE_CHOICES}; auto: bfloat16 where it is native (AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else float32",
+    )
     reconstruct.add_argument("--tiling", action="store_true", help="enable the autoencoder's tiling")
     _add_video_options(reconstruct, max_frames=33)
     reconstruct.add_argument("--resolution", type=int, default=None, help="resize video frames to this short side")
@@ -419,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--max_upscale", type=float, default=2.0, help="skip images needing more upscaling to cover their target"
     )
-    cache.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage and encode dtype")
+    cache.add_argument("--dtype", type=_dtype_arg, default="fp32", help=f"storage and encode dtype: {DTYPE_CHOICES}")
     cache.add_argument("--batch_size", type=int, default=8)
     cache.add_argument("--dataloader_num_workers", type=int, default=2)
     cache.add_argument(

@@ -16,7 +16,6 @@ from diffusers.models.autoencoders.vae import (
     AutoencoderMixin,
     Decoder,
     DecoderOutput,
-    DiagonalGaussianDistribution,
     Encoder,
 )
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
@@ -24,7 +23,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
 
-from .blocks import run_decoder, run_encoder
+from .blocks import conv_float32, fast_path_applies, run_decoder, run_encoder
+from .posterior import HALF_DTYPES, LatentPosterior
 from .tiling import TiledAutoencoderMixin, tiled_decode, tiled_encode
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -186,6 +186,17 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
                 f"{width // factor * factor or factor}."
             )
 
+    def _check_dtype(self, x: torch.Tensor, method: str) -> None:
+        # Without autocast, a convolution refuses mixed dtypes with a message about "bias type"; say what to do.
+        weights = self.dtype
+        if x.dtype == weights or torch.is_autocast_enabled(x.device.type):
+            return
+        names = [str(d).removeprefix("torch.") for d in (x.dtype, weights)]
+        raise ValueError(
+            f"{method}() got {names[0]} input but the VAE's weights are {names[1]}: pass x.to(vae.dtype), or cast "
+            f"the VAE with vae.to(torch.{names[0]})."
+        )
+
     def _check_latents(self, z: torch.Tensor) -> None:
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"decode() expects a torch.Tensor of shape (N, C, h, w), got {type(z).__name__}.")
@@ -208,9 +219,15 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and self._tiles_needed(x.shape[-2], x.shape[-1]):
             return tiled_encode(self, x)
-        moments = run_encoder(self.encoder, x) if self.use_fast_path else self.encoder(x)
+        if not self.use_fast_path:
+            moments = self.encoder(x)
+            return self.quant_conv(moments) if self.quant_conv is not None else moments
+        # Half-precision models: the encoder's last convolution and quant_conv (both at the latent resolution, so
+        # nearly free) run in float32, and `LatentPosterior` takes the moments from there.
+        half = _activation_dtype(x) in HALF_DTYPES and fast_path_applies(self.encoder, x)
+        moments = run_encoder(self.encoder, x, float32_output=half)
         if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+            moments = conv_float32(self.quant_conv, moments) if half else self.quant_conv(moments)
         return moments
 
     @apply_forward_hook
@@ -221,11 +238,13 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
         `return_dict=False`). H and W must be divisible by `downsampling_factor`.
         """
         self._check_images(x)
+        self._check_dtype(x, "encode")
         if self.use_slicing and x.shape[0] > 1:
             moments = torch.cat([self._encode(x_slice) for x_slice in x.split(1)])
         else:
             moments = self._encode(x)
-        posterior = DiagonalGaussianDistribution(moments)
+        # Handed out in the dtype diffusers' encoder would produce; computed in float32 for half models.
+        posterior = LatentPosterior(moments, dtype=_activation_dtype(x))
         if not return_dict:
             return (posterior,)
         return AutoencoderKLOutput(latent_dist=posterior)
@@ -248,6 +267,7 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
         `generator` is accepted because pipelines pass it; this decoder is deterministic and does not use it.
         """
         self._check_latents(z)
+        self._check_dtype(z, "decode")
         if self.use_slicing and z.shape[0] > 1:
             decoded = torch.cat([self._decode(z_slice) for z_slice in z.split(1)])
         else:
@@ -345,6 +365,13 @@ class AutoencoderKL(ModelMixin, AttentionMixin, TiledAutoencoderMixin, Autoencod
 # Pipelines record `[module, class]` in model_index.json; the package name keeps it `["diffusers_vae_ext",
 # "AutoencoderKL"]` and stable across refactors of our module layout.
 AutoencoderKL.__module__ = "diffusers_vae_ext"
+
+
+def _activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the encoder's convolutions produce for input `x`: the autocast dtype under autocast, else x's."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def _require_safetensors(folder: Path) -> None:

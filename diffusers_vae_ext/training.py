@@ -12,7 +12,8 @@ argument names). Per optimisation step:
 2. Discriminator step (from `--disc_start`): hinge or vanilla loss on real images and *detached*
    reconstructions, so no gradient reaches the VAE.
 
-Weights stay fp32 (accelerate autocast for `--mixed_precision`); EMA uses diffusers' `EMAModel`. Checkpoints are
+Weights stay fp32 (accelerate autocast for `--mixed_precision`; by default bf16 where the hardware runs it natively,
+see `hardware.py`); EMA uses diffusers' `EMAModel`. Checkpoints are
 `accelerator.save_state` folders (VAE, discriminator, optimizers, schedulers, RNG, EMA as a diffusers folder)
 and resuming replays the same data order, crops and noise, so the losses after a resume equal the uninterrupted
 run's. Ctrl-C or SIGTERM saves a checkpoint before exiting. The output folder is a plain diffusers VAE folder.
@@ -49,6 +50,7 @@ from .data import (
     tensor_to_pil,
     to_rgb,
 )
+from .hardware import choose_path, describe_path
 from .metrics import psnr, ssim
 from .modeling import AutoencoderKL
 
@@ -123,7 +125,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     train.add_argument("--adam_weight_decay", type=float, default=0.0)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    train.add_argument(
+        "--mixed_precision",
+        choices=("auto", "no", "fp16", "bf16"),
+        default="auto",
+        help="autocast dtype, weights stay fp32. auto (default): accelerate's configured fp16/bf16 if any, else bf16 "
+        "where it is native (AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else no. `no` trains in fp32",
+    )
     train.add_argument("--max_grad_norm", type=float, default=1.0)
     train.add_argument("--use_ema", action="store_true")
     train.add_argument("--ema_decay", type=float, default=0.999)
@@ -460,6 +468,23 @@ class _StopRequested:
 # ===================================================================================================== train
 
 
+def resolve_mixed_precision(requested: str) -> str:
+    """`--mixed_precision auto` -> `"bf16"`, `"fp16"` or `"no"`; other values are returned as given.
+
+    auto takes fp16/bf16 from accelerate's configuration (`ACCELERATE_MIXED_PRECISION`, set by `accelerate launch`
+    from `accelerate config` or its own flag) and otherwise what `hardware.choose_path` picks for the device: bf16
+    autocast where bf16 is native, fp32 elsewhere (accelerate launch writes "no" when nothing was configured, so "no"
+    there does not override the choice; pass `--mixed_precision no` to the script to train in fp32).
+    """
+    if requested != "auto":
+        return requested
+    configured = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if configured in ("fp16", "bf16"):
+        return configured
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return choose_path("cpu" if use_cpu or not torch.cuda.is_available() else "cuda").mixed_precision
+
+
 def _noise(shape: tuple[int, ...], seed: int, step: int, micro_step: int, rank: int) -> torch.Tensor:
     # Posterior noise as a function of (seed, step, micro step, rank): resumed runs draw the same eps.
     generator = torch.Generator().manual_seed(
@@ -485,9 +510,10 @@ def train(args: argparse.Namespace) -> Path:
             raise ImportError(
                 "--report_to tensorboard needs tensorboard: pip install tensorboard (or --report_to none)"
             ) from err
+    mixed_precision = resolve_mixed_precision(args.mixed_precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
@@ -508,6 +534,10 @@ def train(args: argparse.Namespace) -> Path:
             cores,
             cores,
         )
+
+    accelerator.print(
+        f"Mixed precision {mixed_precision} ({args.mixed_precision}) on {describe_path(choose_path(accelerator.device))}"
+    )
 
     # ---- data (fails before any model work on a missing or empty folder)
     train_images, validation_images, source = training_images(args)
@@ -870,6 +900,7 @@ __all__ = [
     "load_vae",
     "main",
     "parse_args",
+    "resolve_mixed_precision",
     "plot_loss_curve",
     "train",
     "training_images",
