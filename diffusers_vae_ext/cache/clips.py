@@ -10,18 +10,16 @@ reason (`unreadable`, `no_video_stream`, `too_short`, `variable_frame_rate`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..buckets import closest_bucket, upscale_needed
 from ..data import to_model_channels
 from ..video import VideoClip, VideoError, clips_from_file, prepare_clip
+from .context import UnitContext
 from .plan import PlannedSample, expand_clip, skip_entry
 from .sources import SourceItem, video_content_hash
-
-if TYPE_CHECKING:
-    from .unit import UnitContext
 
 
 def plan_video(

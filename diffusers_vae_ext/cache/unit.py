@@ -35,36 +35,11 @@ from ..autoencoders import AutoencoderAdapter, as_autoencoder
 from ..buckets import closest_bucket, upscale_needed
 from ..data import UnreadableImageError, load_image_rgb, pil_to_tensor, resize_and_crop, to_model_channels
 from .clips import decode_clips, plan_video
+from .context import UnitContext
 from .format import DTYPES, FORMAT_NAME, FORMAT_VERSION, CacheSettings, manifest_name, part_name
 from .plan import BucketBatcher, PlannedSample, expand_image, skip_entry
 from .sources import Source, SourceItem, Unit, VideoFolderSource, content_hash, probe_size, read_unit_items
 from .storage import CacheStore
-
-
-@dataclass(frozen=True)
-class UnitContext:
-    """Everything a unit's two halves need besides the unit itself (picklable).
-
-    Args:
-        store: where the cache is written.
-        settings: the preprocessing.
-        provenance: the provenance record (shard headers carry it) and `provenance_hash` its hash.
-        batch_size: samples per encoder call (one bucket each).
-        shard_size: about this many samples per output shard (whole batches).
-        in_channels: the VAE's input channels (1: luminance).
-        run_id: marks the manifests this run writes (to count what it encoded).
-        frame_multiple: clips have `frame_multiple * k + 1` frames (`AutoencoderAdapter.frame_multiple`).
-    """
-
-    store: CacheStore
-    settings: CacheSettings
-    provenance: dict
-    provenance_hash: str
-    batch_size: int
-    shard_size: int
-    in_channels: int
-    run_id: str
-    frame_multiple: int = 1
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..autoencoders import AutoencoderAdapter, as_autoencoder, load_autoencoder
 from ..video import ClipOptions
+from .context import UnitContext
 from .format import (
     CACHE_FILE,
     DTYPE_NAMES,
@@ -45,7 +46,7 @@ from .format import (
 from .index import CacheSummary, write_index
 from .sources import Source, VideoFolderSource, open_source
 from .storage import CacheStore, storage_errors
-from .unit import Encoder, ObjectWriter, UnitContext, encode_messages, read_unit
+from .unit import Encoder, ObjectWriter, encode_messages, read_unit
 
 ENGINES = ("local", "ray")
 # Samples per shard unless given: clips are tens of times larger than images.
