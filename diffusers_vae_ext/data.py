@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from .optional import require
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CAPTION_EXTENSIONS = (".txt", ".caption")
 
@@ -210,12 +212,8 @@ def write_sample_photos(folder: str | os.PathLike, num_faces: int = 0) -> list[P
 
 
 def import_datasets():
-    """The `datasets` module, or an ImportError that says how to install it."""
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError("--dataset_name needs `datasets`: pip install 'diffusers-vae-ext[datasets]'") from err
-    return datasets
+    """The `datasets` module, or a `MissingDependencyError` (an ImportError) naming the pip command."""
+    return require("datasets", "--dataset_name (a `datasets` dataset)")
 
 
 def open_dataset(name_or_path: str | os.PathLike, split: str = "train"):

@@ -20,17 +20,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..optional import require
+from .context import UnitContext
 from .sources import Source, Unit
-from .unit import Encoder, ObjectWriter, UnitContext, UnitResult, encode_messages, read_unit
+from .unit import Encoder, ObjectWriter, UnitResult, encode_messages, read_unit
 
 
 def import_ray():
-    """The `ray` module, or an ImportError that says how to install it."""
-    try:
-        import ray
-    except ImportError as err:
-        raise ImportError("--engine ray needs Ray: pip install 'diffusers-vae-ext[ray]'") from err
-    return ray
+    """The `ray` module, or a `MissingDependencyError` (an ImportError) naming the pip command."""
+    return require("ray", "--engine ray")
 
 
 def _read_unit_task(source: Source, unit: Unit, ctx: UnitContext):

@@ -22,6 +22,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save, save_file
 
+from ..optional import require_filesystem
 from .format import CACHE_FILE, INDEX_FILE, SHARD_DIR, SHARDS_FILE, SKIPPED_FILE, UNIT_DIR, check_cache_info
 
 
@@ -70,7 +71,11 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
 
 
 def url_to_fs(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """fsspec's (file system, path) for a folder or URL; credentials come from the environment or the options."""
+    """fsspec's (file system, path) for a folder or URL; credentials come from the environment or the options.
+
+    A protocol whose package is missing (`s3://` without s3fs) gives the install hint (`optional.py`).
+    """
+    require_filesystem(url)
     return fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import IMAGE_EXTENSIONS
+from ..optional import require
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv")
 DEFAULT_SEQUENCE_FPS = 24.0
@@ -22,12 +23,8 @@ VFR_TOLERANCE = 0.05
 
 
 def import_av():
-    """The PyAV module, or an ImportError that says how to install it."""
-    try:
-        import av
-    except ImportError as err:  # pragma: no cover - av is in the [video] extra and the CI install
-        raise ImportError("Reading and writing videos needs PyAV: pip install 'diffusers-vae-ext[video]'") from err
-    return av
+    """The PyAV module, or a `MissingDependencyError` (an ImportError) naming the pip command."""
+    return require("av", "reading and writing videos (PyAV)")
 
 
 class VideoError(ValueError):

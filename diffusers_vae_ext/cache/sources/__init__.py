@@ -15,6 +15,11 @@ standard environment or `storage_options`. Listing is the only work done up fron
 `metadata.jsonl` captions of a folder and the first parquet footer to check the columns); a missing or misspelled
 input, missing credentials or an unreachable endpoint fail here, before any work starts.
 
+`check_source_dependencies` says, from the arguments alone (no I/O), which optional package an input needs (URL
+protocol, brace pattern, `.tar` / `.parquet` names, a dataset name) and raises the install hint; `open_source`
+calls it first, and the sources that a listing reveals (tars, parquet, videos) check theirs when they are made,
+still before any work starts.
+
 `iter_source_items` is the small public way to read a source's images (label, bytes, caption), e.g. for evaluation.
 """
 
@@ -26,6 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...data import open_dataset
+from ...optional import require, require_filesystem
 from ...video import VIDEO_EXTENSIONS
 from ..storage import storage_errors, url_to_fs
 from .base import Source, SourceItem, Unit, broken_unit_items, content_hash, file_version, probe_size
@@ -45,6 +51,7 @@ __all__ = [
     "Unit",
     "VideoFolderSource",
     "broken_unit_items",
+    "check_source_dependencies",
     "content_hash",
     "file_version",
     "iter_source_items",
@@ -82,6 +89,29 @@ def _shard_source(
     )
 
 
+def check_source_dependencies(train_data_dir: str | os.PathLike | None = None, dataset: Any = None) -> None:
+    """Raise `optional.MissingDependencyError` (with the pip command) for what the input's *name* says it needs.
+
+    No file is read or listed, so commands call it before loading a model: the URL protocol (`s3://` -> s3fs,
+    `gs://` -> gcsfs), a brace pattern (braceexpand), names ending in `.tar` / `.parquet` (webdataset / pyarrow),
+    a dataset name (`datasets`). What only a listing shows (a folder of tars, of parquet files, of video files) is
+    checked by `open_source` when it makes the source.
+    """
+    if dataset is not None and isinstance(dataset, (str, os.PathLike)):
+        require("datasets", f"--dataset_name {str(dataset)!r}")
+    if train_data_dir is None:
+        return
+    url = str(train_data_dir)
+    require_filesystem(url)
+    if "{" in url:
+        require("braceexpand", f"the brace pattern {url!r}")
+    name = url.rstrip("/").lower()
+    if name.endswith(TAR_SUFFIXES):
+        require("webdataset", f"webdataset .tar shards ({url!r})")
+    elif name.endswith(".parquet"):
+        require("pyarrow", f".parquet files ({url!r})")
+
+
 def open_source(
     train_data_dir: str | os.PathLike | None = None,
     dataset: Any = None,
@@ -111,6 +141,7 @@ def open_source(
         raise ValueError("Give exactly one input: an image folder or shards (train_data_dir) or a dataset.")
     if unit_size < 1:
         raise ValueError(f"unit_size must be at least 1, got {unit_size}.")
+    check_source_dependencies(train_data_dir, dataset)
     if dataset is not None:
         name = None
         if isinstance(dataset, (str, os.PathLike)):
@@ -136,8 +167,7 @@ def _open_files(
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
         shown = os.path.abspath(url) if local and "://" not in url else url
         if "{" in path:
-            from braceexpand import braceexpand
-
+            braceexpand = require("braceexpand", f"the brace pattern {url!r}").braceexpand
             root = path[: path.index("{")].rsplit("/", 1)[0]
             files = [(p, None) for p in braceexpand(path)]
             try:

@@ -11,17 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from ...optional import require
 from .base import Source, SourceItem, Unit, file_version
 from .rows import image_bytes
 
 
 def _pyarrow():
     """`pyarrow.parquet` and the errors that mean "this file is broken" (not "the network is down")."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError("parquet input needs `pyarrow`: pip install 'diffusers-vae-ext[scale]'") from err
+    pa = require("pyarrow", ".parquet files")
+    import pyarrow.parquet as pq
+
     return pq, (pa.lib.ArrowException, ValueError, EOFError)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...data import IMAGE_EXTENSIONS
+from ...optional import require
 from .base import Source, SourceItem, Unit, file_version
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp") + tuple(
@@ -43,10 +44,9 @@ class _TailReader:
 
 
 def _webdataset_tariterators():
-    try:
-        from webdataset import tariterators
-    except ImportError as err:
-        raise ImportError("webdataset shards need `webdataset`: pip install 'diffusers-vae-ext[scale]'") from err
+    require("webdataset", "webdataset .tar shards")
+    from webdataset import tariterators
+
     return tariterators
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ...data import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
+from ...optional import require
 from ...video import list_videos
 from .base import Source, SourceItem, Unit
 from .folder import metadata_captions
@@ -72,6 +73,8 @@ class VideoFolderSource(Source):
         self._bind_fs(str(self.root), None, LocalFileSystem())
         self.unit_size = unit_size
         self.videos = list_videos(self.root)
+        if any(path.is_file() for path in self.videos):  # frame folders are read with PIL, video files with PyAV
+            require("av", f"the videos in {str(self.root)!r}")
         self.labels = [self._label(path) for path in self.videos]
         names = [p.relative_to(self.root).as_posix() for p in self.root.rglob("metadata.jsonl") if p.is_file()]
         self.captions = metadata_captions(
