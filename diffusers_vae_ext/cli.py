@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .optional import MissingDependencyError
+
 # The spellings `hardware.parse_dtype` accepts (not imported from there: that would import torch for `--help`).
 DTYPE_CHOICES = "fp32/float32, bf16/bfloat16, fp16/float16 or auto"
 
@@ -190,7 +192,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             ray_num_encoders=args.ray_num_encoders,
             overwrite=args.overwrite,
         )
-    except (CacheMismatchError, FileNotFoundError, ValueError, ImportError) as err:
+    except (CacheMismatchError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -224,6 +226,40 @@ def _split_inputs(inputs: list[str], image_sequences: bool) -> tuple[list[Path],
     return images, videos
 
 
+def _require_video_support(videos: list[Path], video_format: str) -> None:
+    """PyAV for video files, or for writing mp4 clips (frame folders read and WebP clips write without it)."""
+    from .optional import require
+
+    if any(path.is_file() for path in videos) or (videos and video_format == "mp4"):
+        require("av", "videos (reading video files, writing mp4 clips)")
+
+
+def _check_dependencies(args: argparse.Namespace) -> None:
+    """The optional packages the arguments alone show a command needs (URL protocols, brace patterns, .tar /
+    .parquet names, --dataset_name, --engine ray, video files): `optional.MissingDependencyError` before any work.
+
+    What only a listing shows (a folder of tars, of videos) is checked by the command's library function when it
+    lists the input, still before it loads a model.
+    """
+    from .optional import require, require_filesystem
+
+    if args.command in ("cache", "eval"):
+        from .cache.sources import check_source_dependencies
+
+        check_source_dependencies(args.train_data_dir, args.dataset_name)
+    if args.command == "cache":
+        require_filesystem(args.output_dir)
+        if args.engine == "ray":
+            require("ray", "--engine ray")
+    if args.command == "stats" and args.cache_dir is not None:
+        require_filesystem(args.cache_dir)
+    if args.command == "reconstruct":
+        from .video import VIDEO_EXTENSIONS
+
+        named_videos = [Path(p) for p in args.images if Path(p).suffix.lower() in VIDEO_EXTENSIONS]
+        _require_video_support(named_videos, args.video_format)
+
+
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
@@ -239,6 +275,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
     try:
         images, videos = _split_inputs(args.images, args.image_sequence)
+        _require_video_support(videos, args.video_format)
         options = _clip_options(args)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = resolve_dtype(args.dtype, device)
@@ -545,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_inception.add_argument("--input", required=True, help="pt_inception-2015-12-05-6726825d.pth")
     convert_inception.add_argument("--output", required=True, help="e.g. fid_inception.safetensors")
     convert_inception.set_defaults(func=_cmd_convert_inception)
+    for command_parser in commands.choices.values():  # errors found after parsing are reported as argparse does
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -554,10 +593,18 @@ def main(argv: list[str] | None = None) -> int:
         # The trainer owns its (long, diffusers-style) argument list; `diffusers-vae train --help` shows it.
         from .training import main as train_main
 
-        train_main(argv[1:], prog="diffusers-vae train")
+        try:
+            train_main(argv[1:], prog="diffusers-vae train")
+        except MissingDependencyError as err:
+            print(f"diffusers-vae train: error: {err}", file=sys.stderr)
+            return 2
         return 0
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        _check_dependencies(args)  # before any model is loaded or any input read
+        return args.func(args)
+    except MissingDependencyError as err:  # also one found later, e.g. by listing a folder of tars
+        args.command_parser.error(str(err))  # usage, "error: ...", exit code 2; no traceback
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from .data import (
     resize_and_crop,
     to_model_channels,
 )
+from .optional import require, require_filesystem
 from .scaling import LatentStatistics, posterior_seed
 from .video import ClipOptions, VideoError, clips_from_file, has_videos, list_videos, load_clip
 
@@ -215,13 +216,15 @@ def compute_latent_statistics(
         stats, total = _cache_statistics(vae, subfolder, cache_dir, num_images, sample_posterior, seed, show_progress)
         stats.all_reduce(state)
     else:
+        videos = image_sequences or has_videos(train_data_dir)
+        if videos:
+            _require_video_support(train_data_dir)  # before the model is loaded
         adapter = load_autoencoder(vae, subfolder=subfolder or None, torch_dtype=DTYPES[dtype])
         adapter.vae.to(state.device).eval().requires_grad_(False)
         factor = adapter.size_multiple
         if resolution < factor or resolution % factor:
             raise ValueError(f"--resolution must be a positive multiple of the VAE's downsampling factor {factor}.")
         label = sample_posterior if adapter.has_posterior else None
-        videos = image_sequences or has_videos(train_data_dir)
         if videos:
             options = clip_options or ClipOptions()
             options.check(adapter.frame_multiple, adapter.class_name)
@@ -328,6 +331,12 @@ def _current_values(vae: str, subfolder: str | None) -> tuple[str, dict[str, Any
     return name, config, current
 
 
+def _require_video_support(train_data_dir: str | os.PathLike) -> None:
+    """PyAV for a folder holding video files (frame folders are read with PIL): the install hint otherwise."""
+    if has_videos(train_data_dir):
+        require("av", f"the videos in {str(train_data_dir)!r}")
+
+
 def _counts_clips(train_data_dir: str | None, cache_dir: str | None, image_sequences: bool) -> bool:
     """Whether the samples are video clips: a video folder, or a latent cache built from one."""
     if train_data_dir is not None:
@@ -364,6 +373,11 @@ def run_stats(
     """
     from accelerate import PartialState
 
+    # Optional packages first: the install hint before a config or a model is read.
+    if train_data_dir is not None:
+        _require_video_support(train_data_dir)
+    if cache_dir is not None:
+        require_filesystem(cache_dir)
     if (
         subfolder is None
         and not (Path(vae) / "config.json").is_file()

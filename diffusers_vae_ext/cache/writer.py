@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from ..autoencoders import AutoencoderAdapter, as_autoencoder, load_autoencoder
+from ..optional import require, require_filesystem
 from ..video import ClipOptions
 from .context import UnitContext
 from .format import (
@@ -200,15 +201,11 @@ def precompute_latents(
     if batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise ValueError(f"batch_size and shard_size must be at least 1, got {batch_size} and {shard_size}.")
 
-    adapter = _resolve_vae(vae, vae_subfolder)
-    vae = adapter.vae.eval()
-    factor = adapter.size_multiple
-    bad_sides = sorted({side for b in settings.bucket_list() for side in b if side % factor})
-    if bad_sides:
-        raise ValueError(
-            f"resolution {resolution}: target sides {bad_sides} are not divisible by {adapter.class_name}'s "
-            f"{factor}: use a multiple of {factor}."
-        )
+    # Packages the output URL and the engine need, then the source (`open_source` checks the input's): a missing
+    # package or input is found by listing, before a VAE is loaded or anything is written.
+    require_filesystem(output_dir)
+    if engine == "ray":
+        require("ray", "--engine ray")
     with state.main_process_first():  # one process downloads / prepares a hub dataset, the others reuse it
         source = open_source(
             train_data_dir,
@@ -219,6 +216,15 @@ def precompute_latents(
             unit_size=unit_size or shard_size or DEFAULT_SHARD_SIZE["images"],
             storage_options=storage_options,
             image_sequences=image_sequences,
+        )
+    adapter = _resolve_vae(vae, vae_subfolder)
+    vae = adapter.vae.eval()
+    factor = adapter.size_multiple
+    bad_sides = sorted({side for b in settings.bucket_list() for side in b if side % factor})
+    if bad_sides:
+        raise ValueError(
+            f"resolution {resolution}: target sides {bad_sides} are not divisible by {adapter.class_name}'s "
+            f"{factor}: use a multiple of {factor}."
         )
     video = source.kind == VideoFolderSource.kind
     if video:

@@ -56,6 +56,10 @@ def run_eval(
     browser is installed)."""
     import torch
 
+    from ..cache.sources import check_source_dependencies
+
+    # A missing optional package for the images (webdataset, s3fs, datasets, ...): the hint before loading a VAE.
+    check_source_dependencies(options.get("train_data_dir"), options.get("dataset_name"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vaes = load_vaes(vae_specs, device=device)
     result = evaluate(vaes, output_dir, **options)

@@ -285,6 +285,8 @@ def evaluate(
     started = time.perf_counter()
     entries, channels = _check_vaes(vaes, resolution)
     patch_size = patch_size or max(8, min(128, resolution // 2))
+    # The images first: a missing input or optional package fails here, before anything is loaded or written.
+    total, items, description = open_images(train_data_dir, dataset_name, dataset_split, image_column)
     output_dir = Path(output_dir)
     (output_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     lpips = inception = None
@@ -297,7 +299,6 @@ def evaluate(
 
         inception = load_inception(inception_weights)
 
-    total, items, description = open_images(train_data_dir, dataset_name, dataset_split, image_column)
     if num_images is not None:
         total = num_images if total is None else min(total, num_images)
     limit = total if total is not None else float("inf")
