@@ -216,9 +216,7 @@ def compute_latent_statistics(
         stats, total = _cache_statistics(vae, subfolder, cache_dir, num_images, sample_posterior, seed, show_progress)
         stats.all_reduce(state)
     else:
-        videos = image_sequences or has_videos(train_data_dir)
-        if videos:
-            _require_video_support(train_data_dir)  # before the model is loaded
+        videos = _has_video_files(train_data_dir) or image_sequences  # PyAV checked before the model is loaded
         adapter = load_autoencoder(vae, subfolder=subfolder or None, torch_dtype=DTYPES[dtype])
         adapter.vae.to(state.device).eval().requires_grad_(False)
         factor = adapter.size_multiple
@@ -331,10 +329,13 @@ def _current_values(vae: str, subfolder: str | None) -> tuple[str, dict[str, Any
     return name, config, current
 
 
-def _require_video_support(train_data_dir: str | os.PathLike) -> None:
-    """PyAV for a folder holding video files (frame folders are read with PIL): the install hint otherwise."""
-    if has_videos(train_data_dir):
+def _has_video_files(train_data_dir: str | os.PathLike) -> bool:
+    """Whether the folder holds video files; then PyAV must be installed (the install hint otherwise). Frame
+    folders (image sequences) are read with PIL and need no PyAV."""
+    found = has_videos(train_data_dir)
+    if found:
         require("av", f"the videos in {str(train_data_dir)!r}")
+    return found
 
 
 def _counts_clips(train_data_dir: str | None, cache_dir: str | None, image_sequences: bool) -> bool:
@@ -375,7 +376,7 @@ def run_stats(
 
     # Optional packages first: the install hint before a config or a model is read.
     if train_data_dir is not None:
-        _require_video_support(train_data_dir)
+        _has_video_files(train_data_dir)
     if cache_dir is not None:
         require_filesystem(cache_dir)
     if (
