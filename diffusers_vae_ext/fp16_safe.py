@@ -20,7 +20,7 @@ original. Two steps:
 
 At the end (`FP16SafeRecipe.finish`) the trained VAE is checked in float16 on held-out images
 (`evaluation.fp16.check_half_precision`); when it is safe, `force_upcast` is set to false in its config so
-pipelines run it in float16 as is. The training loop itself lives in `training.py`.
+pipelines run it in float16 as is. The training loop itself lives in `training/loop.py`.
 """
 
 from __future__ import annotations

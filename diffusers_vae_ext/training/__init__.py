@@ -1,0 +1,55 @@
+"""Fine-tune a VAE or train one from scratch: `accelerate launch scripts/finetune_vae.py --output_dir DIR`.
+
+The loop is a plain loop in `train()`, readable top to bottom, in the style of diffusers' example scripts (same
+argument names). Per optimisation step:
+
+1. Generator step. Encode, draw `z = mean + std * eps` from the posterior (eps seeded by (seed, step, rank) so a
+   resumed run draws the same noise), decode. Loss = reconstruction (L1 or L2, summed over pixels, the
+   latent-diffusion convention) + `perceptual_weight` * LPIPS + KL (`--kl_mode plain|H|B`) + once
+   `--disc_start` is reached, the adaptive-weighted adversarial term. The discriminator is called unwrapped and
+   with `requires_grad_(False)`, so this step neither updates it nor leaves gradients in it, and DDP never sees
+   a discriminator forward without its backward.
+2. Discriminator step (from `--disc_start`): hinge or vanilla loss on real images and *detached*
+   reconstructions, so no gradient reaches the VAE.
+
+Weights stay fp32 (accelerate autocast for `--mixed_precision`; by default bf16 where the hardware runs it natively,
+see `hardware.py`); EMA uses diffusers' `EMAModel`. Checkpoints are
+`accelerator.save_state` folders (VAE, discriminator, optimizers, schedulers, RNG, EMA as a diffusers folder)
+and resuming replays the same data order, crops and noise, so the losses after a resume equal the uninterrupted
+run's. Ctrl-C or SIGTERM saves a checkpoint before exiting. The output folder is a plain diffusers VAE folder.
+
+Modules, lower layers first (none imports `loop`):
+
+- `arguments`: `parse_args` (every argument and default), `resolve_mixed_precision`, the built-in configs;
+- `data`: training and held-out images, the training DataLoader, the posterior noise per step;
+- `model`: what is trained: `load_vae`, `VAETrainingForward` (the module the optimiser sees), EMA weights;
+- `objective`: the generator's loss (reconstruction, LPIPS, KL, adversarial) and the discriminator's;
+- `checkpoints`: listing, resuming, pruning and saving checkpoints, EMA inside them, Ctrl-C/SIGTERM;
+- `validation`: held-out PSNR/SSIM with a picture per validation step, the loss curve;
+- `output`: what is written into the final folder besides the weights (latent statistics);
+- `loop`: `train(args)` and `main(argv)`.
+"""
+
+from .arguments import BUILTIN_CONFIGS, CONFIG_DIR, parse_args, resolve_mixed_precision
+from .data import DatasetImages, training_images, validation_batch
+from .loop import main, train
+from .model import VAETrainingForward, load_model_config, load_vae
+from .validation import image_grid, plot_loss_curve, validate
+
+__all__ = [
+    "BUILTIN_CONFIGS",
+    "CONFIG_DIR",
+    "DatasetImages",
+    "VAETrainingForward",
+    "image_grid",
+    "load_model_config",
+    "load_vae",
+    "main",
+    "parse_args",
+    "plot_loss_curve",
+    "resolve_mixed_precision",
+    "train",
+    "training_images",
+    "validate",
+    "validation_batch",
+]

@@ -1,0 +1,164 @@
+"""The trainer's command line: every argument, its default and the checks between arguments.
+
+`parse_args` fills the defaults that depend on other arguments (learning rate, `--recompute_scaling_factor`,
+`--resize_to`) so the rest of the trainer reads plain values; `resolve_mixed_precision` turns `auto` into a dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from .. import fp16_safe
+from ..hardware import choose_path
+
+BUILTIN_CONFIGS = ("small_rgb", "digits")
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Fine-tune a diffusers AutoencoderKL, or train one from scratch. See docs/training.md."
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path", default=None, help="VAE folder or hub id to fine-tune (safetensors)."
+    )
+    model.add_argument("--vae_subfolder", default=None, help='e.g. "vae" (found automatically in a local pipeline)')
+    model.add_argument("--revision", default=None)
+    model.add_argument(
+        "--model_config",
+        default=None,
+        help=f"train from scratch: a config.json path or a built-in name ({', '.join(BUILTIN_CONFIGS)}); "
+        "default small_rgb when no --pretrained_model_name_or_path is given",
+    )
+    model.add_argument(
+        "--train_decoder_only",
+        action="store_true",
+        help="freeze encoder and quant_conv so the latent space stays compatible (how sd-vae-ft-* were made)",
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", default=None, help="folder of images (recursive)")
+    data.add_argument("--dataset_name", default=None, help="a datasets name or a folder saved with save_to_disk")
+    data.add_argument("--dataset_split", default="train")
+    data.add_argument("--image_column", default="image")
+    data.add_argument(
+        "--resolution", type=int, default=None, help="square training crops (default: the config's sample_size)"
+    )
+    data.add_argument(
+        "--resize_to",
+        type=int,
+        default=None,
+        help="resize the short side to this before cropping (default: --resolution; 256 for the built-in photos, "
+        "so they give many distinct patches)",
+    )
+    data.add_argument("--random_flip", action="store_true")
+    data.add_argument("--num_validation_images", type=int, default=4, help="held out of the training data")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    train = parser.add_argument_group("optimisation")
+    train.add_argument("--output_dir", default="vae-finetuned")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=8, help="per device")
+    train.add_argument("--max_train_steps", type=int, default=600)
+    train.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="default 1e-5 when fine-tuning, 5e-4 when training from scratch",
+    )
+    train.add_argument("--scale_lr", action="store_true", help="multiply lr by batch x accumulation x processes")
+    train.add_argument("--lr_scheduler", default="constant_with_warmup", help="diffusers' get_scheduler name")
+    train.add_argument("--lr_warmup_steps", type=int, default=50)
+    train.add_argument("--adam_beta1", type=float, default=0.5, help="0.5/0.9: the latent-diffusion autoencoders")
+    train.add_argument("--adam_beta2", type=float, default=0.9)
+    train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument(
+        "--mixed_precision",
+        choices=("auto", "no", "fp16", "bf16"),
+        default="auto",
+        help="autocast dtype, weights stay fp32. auto (default): accelerate's configured fp16/bf16 if any, else bf16 "
+        "where it is native (AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else no. `no` trains in fp32",
+    )
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--use_ema", action="store_true")
+    train.add_argument("--ema_decay", type=float, default=0.999)
+    train.add_argument(
+        "--max_nonfinite_steps", type=int, default=5, help="abort after this many non-finite losses in a row"
+    )
+
+    loss = parser.add_argument_group("losses")
+    loss.add_argument("--rec_loss", choices=("l1", "l2"), default="l1")
+    loss.add_argument("--kl_weight", type=float, default=1e-6)
+    loss.add_argument("--kl_mode", choices=("plain", "H", "B"), default="plain", help="plain, beta-VAE H, or B")
+    loss.add_argument("--kl_beta", type=float, default=4.0, help="beta of --kl_mode H")
+    loss.add_argument("--kl_gamma", type=float, default=1000.0, help="gamma of --kl_mode B")
+    loss.add_argument("--capacity_max", type=float, default=25.0, help="final KL capacity C of --kl_mode B (nats)")
+    loss.add_argument("--capacity_stop_steps", type=int, default=10000, help="steps over which C rises to max")
+    loss.add_argument("--perceptual_weight", type=float, default=0.0, help="LPIPS weight (1.0 in latent diffusion)")
+    loss.add_argument("--lpips_weights", default=None, help="safetensors file from `diffusers-vae convert-lpips`")
+    loss.add_argument("--disc_weight", type=float, default=0.5, help="0 disables the discriminator")
+    loss.add_argument("--disc_start", type=int, default=50001, help="step at which the adversarial loss starts")
+    loss.add_argument("--disc_loss", choices=("hinge", "vanilla"), default="hinge")
+    loss.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
+    loss.add_argument("--disc_layers", type=int, default=3)
+
+    run = parser.add_argument_group("checkpoints, validation, logging")
+    run.add_argument("--checkpointing_steps", type=int, default=500)
+    run.add_argument("--checkpoints_total_limit", type=int, default=None)
+    run.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
+    run.add_argument("--validation_steps", type=int, default=100)
+    run.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    run.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
+    run.add_argument(
+        "--recompute_scaling_factor",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the trained VAE's scaling_factor on the training images and write it into the output "
+        "config (default: on when training from scratch, off when fine-tuning)",
+    )
+    run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    fp16_safe.add_arguments(parser)
+    args = parser.parse_args(argv)
+
+    if args.pretrained_model_name_or_path and args.model_config:
+        parser.error("give either --pretrained_model_name_or_path (fine-tune) or --model_config (from scratch)")
+    if args.train_data_dir and args.dataset_name:
+        parser.error("give either --train_data_dir or --dataset_name, not both")
+    from_scratch = not args.pretrained_model_name_or_path
+    if args.learning_rate is None:
+        args.learning_rate = 5e-4 if from_scratch else 1e-5
+    if args.recompute_scaling_factor is None:
+        args.recompute_scaling_factor = from_scratch
+    if args.resize_to is None and not (args.train_data_dir or args.dataset_name):
+        args.resize_to = 256
+    if args.train_decoder_only and from_scratch:
+        parser.error("--train_decoder_only needs a trained encoder: give --pretrained_model_name_or_path")
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    fp16_safe.check_arguments(args, parser)
+    return args
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """`--mixed_precision auto` -> `"bf16"`, `"fp16"` or `"no"`; other values are returned as given.
+
+    auto takes fp16/bf16 from accelerate's configuration (`ACCELERATE_MIXED_PRECISION`, set by `accelerate launch`
+    from `accelerate config` or its own flag) and otherwise what `hardware.choose_path` picks for the device: bf16
+    autocast where bf16 is native, fp32 elsewhere (accelerate launch writes "no" when nothing was configured, so "no"
+    there does not override the choice; pass `--mixed_precision no` to the script to train in fp32).
+    """
+    if requested != "auto":
+        return requested
+    configured = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if configured in ("fp16", "bf16"):
+        return configured
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return choose_path("cpu" if use_cpu or not torch.cuda.is_available() else "cuda").mixed_precision
