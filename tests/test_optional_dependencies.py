@@ -328,7 +328,6 @@ def run_cli(argv: list[str]) -> int:
         return exit_.code
 
 
-@pytest.mark.xfail(strict=True, reason="training.py's tensorboard check is switched to optional.require at merge")
 def test_training_report_to_tensorboard_gives_the_hint(tmp_path, monkeypatch, capsys):
     hide(monkeypatch, "tensorboard")
     code = run_cli(["train", "--output_dir", str(tmp_path / "run"), "--report_to", "tensorboard"])

@@ -14,6 +14,7 @@ import torch
 
 from .. import fp16_safe
 from ..hardware import choose_path
+from ..optional import MissingDependencyError, require
 
 BUILTIN_CONFIGS = ("small_rgb", "digits")
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
@@ -144,7 +145,24 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     fp16_safe.check_arguments(args, parser)
+    _check_optional_dependencies(args, parser)
     return args
+
+
+def _check_optional_dependencies(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Stop before any work when an argument needs a package that is missing, with its install hint."""
+    needs = []
+    if args.report_to in ("tensorboard", "all"):
+        needs.append(("tensorboard", "--report_to tensorboard"))
+    if args.report_to == "wandb":
+        needs.append(("wandb", "--report_to wandb"))
+    if args.dataset_name:
+        needs.append(("datasets", "--dataset_name"))
+    for name, for_what in needs:
+        try:
+            require(name, for_what)
+        except MissingDependencyError as err:
+            parser.error(str(err))
 
 
 def resolve_mixed_precision(requested: str) -> str:

@@ -33,13 +33,6 @@ def create_accelerator(args: argparse.Namespace):
 
     output_dir = Path(args.output_dir)
     report_to = None if args.report_to in (None, "none") else args.report_to
-    if report_to in ("tensorboard", "all"):
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError as err:
-            raise ImportError(
-                "--report_to tensorboard needs tensorboard: pip install tensorboard (or --report_to none)"
-            ) from err
     mixed_precision = resolve_mixed_precision(args.mixed_precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
