@@ -6,21 +6,23 @@ with no `scaling_factor`, LTX-Video reads per-channel buffers stored in the weig
 2x2-patchified latents with the running statistics of a BatchNorm layer in the weights. `pipeline_convention`
 names the convention per class; `pipeline_statistics_updates` turns measured `LatentStatistics` into the config
 keys and weight tensors that class's pipelines read, and `write_pipeline_statistics` writes them (config.json and
-safetensors files, each replaced atomically).
+safetensors files, each replaced atomically; every new file is written and flushed before the first one replaces its
+old version, so a kill leaves the old folder, or the new one, or at worst for the few renames between, new weights
+with the old config).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .scaling import CONVENTIONS, LatentStatistics, _atomic_write_text, _get, scaling_convention
+from .atomic import atomic_write_text, fsync_dir, remove_stale_temporaries
+from .scaling import CONVENTIONS, LatentStatistics, _get, scaling_convention
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,9 @@ def pipeline_statistics_updates(
 def write_weight_statistics(folder: str | os.PathLike, updates: dict[str, list[float]]) -> dict[str, tuple]:
     """Replace tensors (by state-dict key) in every safetensors file of `folder` that holds them, atomically.
 
-    Each file is rewritten next to itself (same metadata, same dtypes and shapes), flushed and moved over the old
-    one with `os.replace`: a crash leaves the old or the new file. A key found in no file, or a value of another
+    Each file is rewritten next to itself (same metadata, same dtypes and shapes) and flushed; only when all are
+    written are they moved over the old ones with `os.replace`, one after the other: a crash leaves every file old
+    or new, never partial. Temporaries left by an earlier interrupted call are removed first. A key found in no file, or a value of another
     size than the stored tensor, raises `ValueError` before anything is written. Returns `{key: (old, new)}`.
     """
     from safetensors import safe_open
@@ -171,24 +174,38 @@ def write_weight_statistics(folder: str | os.PathLike, updates: dict[str, list[f
     if missing:
         raise ValueError(f"{folder}: no safetensors file holds {missing}; is this the right autoencoder folder?")
     changes: dict[str, tuple] = {}
-    for file, keys, metadata in plan:
-        tensors = load_file(str(file))
-        for key in keys:
-            old = tensors[key]
-            tensors[key] = torch.tensor(updates[key], dtype=torch.float64).to(old.dtype).view(old.shape)
-            changes[key] = (old.flatten().tolist(), tensors[key].flatten().tolist())
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{file.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
+    staged: list[tuple[str, Path]] = []
+    try:
+        for file, keys, metadata in plan:
+            remove_stale_temporaries(folder, file.name)
+            tensors = load_file(str(file))
+            for key in keys:
+                old = tensors[key]
+                tensors[key] = torch.tensor(updates[key], dtype=torch.float64).to(old.dtype).view(old.shape)
+                changes[key] = (old.flatten().tolist(), tensors[key].flatten().tolist())
+            temporary = _temporary_sibling(folder, file.name)
+            staged.append((temporary, file))
             save_file(tensors, temporary, metadata=metadata)
             with open(temporary, "rb+") as written:
                 os.fsync(written.fileno())
             os.chmod(temporary, file.stat().st_mode & 0o7777)
+        for temporary, file in staged:
             os.replace(temporary, file)
-        except BaseException:
+    except BaseException:
+        for temporary, _ in staged:
             Path(temporary).unlink(missing_ok=True)
-            raise
+        raise
+    fsync_dir(folder)
     return changes
+
+
+def _temporary_sibling(folder: Path, name: str) -> str:
+    # A unique hidden sibling that `remove_stale_temporaries(folder, name)` recognises.
+    import tempfile
+
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(handle)
+    return temporary
 
 
 def write_pipeline_statistics(
@@ -213,5 +230,5 @@ def write_pipeline_statistics(
             changes[key] = (config.get(key), value)
             config[key] = value
     if config_updates:
-        _atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(config, indent=2) + "\n")
     return changes

@@ -348,9 +348,9 @@ class FP16SafeRecipe:
     def finish(self, vae: nn.Module, pixels: torch.Tensor, output_dir: str | Path) -> dict[str, Any]:
         """Check the trained VAE in float16/bfloat16 on held-out `pixels`, write `fp16_check.json`, and set
         `force_upcast: false` in `output_dir/config.json` when float16 is safe. Returns the float16 report."""
+        from .atomic import atomic_write_text
         from .autoencoders import as_autoencoder
         from .evaluation.fp16 import check_half_precision, format_half_precision
-        from .scaling import _atomic_write_text
 
         self.close()
         was_training = vae.training
@@ -358,14 +358,14 @@ class FP16SafeRecipe:
         reports = check_half_precision(as_autoencoder(vae), pixels.to(next(vae.parameters()).device))
         vae.train(was_training)
         output_dir = Path(output_dir)
-        (output_dir / "fp16_check.json").write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+        atomic_write_text(output_dir / "fp16_check.json", json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
         float16 = reports[0]
         print(format_half_precision(reports, "fp16-safe check"))
         config_path = output_dir / "config.json"
         if float16.safe and config_path.is_file():
             config = json.loads(config_path.read_text(encoding="utf-8"))
             config["force_upcast"] = False
-            _atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+            atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
             print("float16 is safe: force_upcast set to false in config.json")
         elif not float16.safe:
             print(f"Not fp16-safe yet ({float16.verdict}): train longer or lower --fp16_safe_max_activation.")

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import atomic_write_text
 
 
 def _get(config: Any, key: str) -> Any:
@@ -697,20 +698,9 @@ def write_latent_statistics(
         if config.get(key) != value and not (value is None and key not in config):
             changes[key] = (config.get(key), value)
             config[key] = value
-    _atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
     return changes
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        if path.exists():
-            os.chmod(temporary, path.stat().st_mode & 0o7777)  # mkstemp creates 0600; keep the original's mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+# Kept for callers of the old private name; the one implementation is `atomic.atomic_write_text`.
+_atomic_write_text = atomic_write_text
