@@ -20,7 +20,8 @@ from .checkpoints import StopRequested, register_ema_checkpointing, resume_state
 from .data import posterior_noise, training_dataloader, training_images, validation_batch
 from .model import VAETrainingForward, ema_weights, load_vae, prepare_for_training
 from .objective import discriminator_loss_fn, generator_loss
-from .output import recompute_scaling_factor
+from .output import begin_final_save, publish_final, recompute_scaling_factor, save_discriminator, write_recipe
+from .recipe import training_recipe
 from .validation import plot_loss_curve, validate
 
 logger = logging.getLogger(__package__)
@@ -157,6 +158,10 @@ def train(args: argparse.Namespace) -> Path:
             )
     log_path, metrics_path = output_dir / "train_log.jsonl", output_dir / "metrics.jsonl"
 
+    run_recipe = training_recipe(
+        args, unwrapped_vae, unwrapped_disc, source, len(train_images), len(validation_images), accelerator
+    )
+
     # ---- resume
     global_step, first_epoch, skip_batches = resume_state(
         accelerator, args, updates_per_epoch, (log_path, metrics_path)
@@ -183,6 +188,8 @@ def train(args: argparse.Namespace) -> Path:
     started = step_started = time.perf_counter()
     with StopRequested() as stop:
         for epoch in range(first_epoch, num_epochs):
+            if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint
+                break
             dataloader.set_epoch(epoch)
             dataset.set_epoch(epoch)
             batches = dataloader
@@ -273,7 +280,7 @@ def train(args: argparse.Namespace) -> Path:
 
                 stop_now = stop.requested_on_any_process(accelerator)
                 if global_step % args.checkpointing_steps == 0 or stop_now:
-                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_recipe)
                 if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     with ema_weights(ema, unwrapped_vae):
                         metrics = validate(unwrapped_vae, validation_pixels, global_step, args, accelerator)
@@ -291,24 +298,28 @@ def train(args: argparse.Namespace) -> Path:
     progress.close()
     elapsed = time.perf_counter() - started
 
-    # ---- final model: a plain diffusers VAE folder
+    # ---- final model: a plain diffusers VAE folder, written aside and swapped in (see `output`)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped_vae.parameters())
         if args.max_train_steps % args.validation_steps:
             validate(unwrapped_vae, validation_pixels, global_step, args, accelerator)
-        unwrapped_vae.save_pretrained(output_dir, safe_serialization=True)
+        staging = begin_final_save(output_dir)
+        unwrapped_vae.save_pretrained(staging, safe_serialization=True)
         if recipe is not None:
-            recipe.finish(unwrapped_vae, validation_pixels, output_dir)
+            recipe.finish(unwrapped_vae, validation_pixels, staging)
         if args.recompute_scaling_factor:
-            recompute_scaling_factor(unwrapped_vae, train_images, resolution, channels, args, output_dir)
-        curve = plot_loss_curve(log_path, metrics_path, output_dir / "loss_curve.png")
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2) + "\n", encoding="utf-8")
+            recompute_scaling_factor(unwrapped_vae, train_images, resolution, channels, args, staging)
+        curve = plot_loss_curve(log_path, metrics_path, staging / "loss_curve.png")
+        save_discriminator(unwrapped_disc, staging)
+        write_recipe(staging, run_recipe, global_step)
+        (staging / "training_args.json").write_text(json.dumps(vars(args), indent=2) + "\n", encoding="utf-8")
+        publish_final(staging, output_dir, global_step)
         final = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line][-1]
         accelerator.print(
             f"Done: {global_step} steps in {elapsed:.0f} s. Held-out PSNR {final['psnr']:.2f} dB. "
-            f"VAE saved to {output_dir}" + (f"; loss curve {curve}" if curve else "")
+            f"VAE saved to {output_dir}" + (f"; loss curve {output_dir / curve.name}" if curve else "")
         )
     accelerator.end_training()
     return output_dir
