@@ -19,7 +19,7 @@ renamed into place (it was killed between marker and rename), any other is delet
 Which checkpoint is complete (`checkpoint_problem`): one with a marker must hold every file it lists at the listed
 size, with whole safetensors headers; the one chosen for resuming is also checked against the sha256s (so a
 folder copied back from elsewhere is checked too). A checkpoint without a marker (written before markers existed)
-is accepted when it holds model weights, an optimizer and RNG states, every `.safetensors` header parses and its
+is accepted when it holds `model.safetensors`, `optimizer.bin` and `random_states_0.pkl`, every `.safetensors` header parses and its
 tensors cover the file exactly, and every `torch.save` archive (`.bin`, `.pkl`) has its zip directory: what an
 interrupted write or a truncated copy breaks.
 
@@ -76,12 +76,14 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 def _legacy_problem(path: Path) -> str | None:
     # A checkpoint written before markers existed: whole weights, optimizer and RNG files (module docstring).
     files = [p for p in path.rglob("*") if p.is_file()]
-    names = [p.name for p in files]
-    if not any(n.startswith("model") and n.endswith(".safetensors") for n in names):
-        return f"no {MARKER} and no model*.safetensors (not a finished checkpoint)"
-    for wanted, what in (("optimizer", "optimizer state"), ("random_states", "RNG state")):
-        if not any(n.startswith(wanted) for n in names):
-            return f"no {MARKER} and no {what} ({wanted}*)"
+    # The first model and optimizer, and the RNG state, which accelerate writes last.
+    for name, what in (
+        ("model.safetensors", "model weights"),
+        ("optimizer.bin", "optimizer state"),
+        ("random_states_0.pkl", "RNG state"),
+    ):
+        if not (path / name).is_file():
+            return f"no {MARKER} and no {what} ({name}): not a finished checkpoint"
     for file in files:
         if file.suffix == ".safetensors":
             problem = safetensors_problem(file)
