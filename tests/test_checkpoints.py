@@ -289,7 +289,9 @@ def test_killed_final_save_keeps_the_previous_final_folder(runs, reference, tmp_
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     previous = state_dict(reference / WEIGHTS)
+    # A new fine-tune of 2 steps that restarts from the previous run's discriminator (not trained before step 2).
     new_run = ("--seed", "1", "--max_train_steps", "2", "--checkpointing_steps", "100")
+    new_run += ("--discriminator_weights", str(reference))
 
     runs.kill_at(out, "final:written@2", *new_run)
     assert (out / ".final.tmp" / WEIGHTS).is_file()  # the new weights were being written aside
@@ -307,6 +309,9 @@ def test_killed_final_save_keeps_the_previous_final_folder(runs, reference, tmp_
     new = DiffusersAutoencoderKL.from_pretrained(out).state_dict()
     assert any(not torch.equal(new[key], previous[key]) for key in previous)
     assert json.loads((out / "training_recipe.json").read_text())["step"] == 2
+    assert_equal_weights(
+        state_dict(out / output.DISCRIMINATOR_FILE), state_dict(reference / output.DISCRIMINATOR_FILE)
+    )
 
 
 def test_recipe_in_every_checkpoint_and_the_final_folder(reference):
@@ -328,6 +333,8 @@ def test_recipe_in_every_checkpoint_and_the_final_folder(reference):
         # The discriminator rebuilds from the recipe and loads its weights strictly.
         discriminator = losses.PatchGANDiscriminator(**recipe["discriminator"]["config"])
         discriminator.load_state_dict(load_file(str(folder / expected_file)))
+    with pytest.raises(ValueError, match="--disc_layers 3"):
+        output.load_discriminator(losses.PatchGANDiscriminator(num_layers=2), reference)
     with safe_open(str(reference / output.DISCRIMINATOR_FILE), framework="pt") as handle:
         assert json.loads(handle.metadata()["discriminator"])["class"] == "PatchGANDiscriminator"
     assert_equal_weights(

@@ -17,6 +17,8 @@ see `hardware.py`); EMA uses diffusers' `EMAModel`. Checkpoints are
 `accelerator.save_state` folders (VAE, discriminator, optimizers, schedulers, RNG, EMA as a diffusers folder)
 and resuming replays the same data order, crops and noise, so the losses after a resume equal the uninterrupted
 run's. Ctrl-C or SIGTERM saves a checkpoint before exiting. The output folder is a plain diffusers VAE folder.
+Checkpoints and the final folder are written aside, marked complete and renamed into place, so a `kill -9` at any
+moment loses nothing (`checkpoints`, `output`); both carry the run's recipe (`recipe`).
 
 Modules, lower layers first (none imports `loop`):
 
@@ -24,9 +26,10 @@ Modules, lower layers first (none imports `loop`):
 - `data`: training and held-out images, the training DataLoader, the posterior noise per step;
 - `model`: what is trained: `load_vae`, `VAETrainingForward` (the module the optimiser sees), EMA weights;
 - `objective`: the generator's loss (reconstruction, LPIPS, KL, adversarial) and the discriminator's;
-- `checkpoints`: listing, resuming, pruning and saving checkpoints, EMA inside them, Ctrl-C/SIGTERM;
+- `recipe`: `training_recipe.json`, what it takes to reproduce, resume or restart the run elsewhere;
+- `checkpoints`: atomic saving, which checkpoint is complete, resuming, pruning, EMA inside them, Ctrl-C/SIGTERM;
 - `validation`: held-out PSNR/SSIM with a picture per validation step, the loss curve;
-- `output`: what is written into the final folder besides the weights (latent statistics);
+- `output`: the final folder, written aside and swapped in; latent statistics, discriminator, recipe;
 - `loop`: `train(args)` and `main(argv)`.
 """
 

@@ -109,6 +109,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     loss.add_argument("--disc_loss", choices=("hinge", "vanilla"), default="hinge")
     loss.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
     loss.add_argument("--disc_layers", type=int, default=3)
+    loss.add_argument(
+        "--discriminator_weights",
+        default=None,
+        help="start the discriminator from these weights: a final folder's discriminator.safetensors (or the "
+        "folder) to continue a fine-tune elsewhere with the same discriminator (exact resume: "
+        "--resume_from_checkpoint)",
+    )
 
     run = parser.add_argument_group("checkpoints, validation, logging")
     run.add_argument("--checkpointing_steps", type=int, default=500)
@@ -144,6 +151,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.discriminator_weights and args.disc_weight <= 0:
+        parser.error("--discriminator_weights needs the discriminator: drop --disc_weight 0")
     fp16_safe.check_arguments(args, parser)
     _check_optional_dependencies(args, parser)
     return args

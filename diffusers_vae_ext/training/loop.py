@@ -20,7 +20,14 @@ from .checkpoints import StopRequested, register_ema_checkpointing, resume_state
 from .data import posterior_noise, training_dataloader, training_images, validation_batch
 from .model import VAETrainingForward, ema_weights, load_vae, prepare_for_training
 from .objective import discriminator_loss_fn, generator_loss
-from .output import begin_final_save, publish_final, recompute_scaling_factor, save_discriminator, write_recipe
+from .output import (
+    begin_final_save,
+    load_discriminator,
+    publish_final,
+    recompute_scaling_factor,
+    save_discriminator,
+    write_recipe,
+)
 from .recipe import training_recipe
 from .validation import plot_loss_curve, validate
 
@@ -102,6 +109,8 @@ def train(args: argparse.Namespace) -> Path:
     discriminator = None
     if args.disc_weight > 0:
         discriminator = losses.PatchGANDiscriminator(in_channels=vae.config.out_channels, num_layers=args.disc_layers)
+        if args.discriminator_weights:
+            load_discriminator(discriminator, args.discriminator_weights)
         discriminator.train()
 
     # ---- optimisers and schedulers (steps counted per process, as in diffusers' examples)

@@ -111,6 +111,35 @@ def save_discriminator(discriminator: torch.nn.Module | None, folder: Path) -> N
     save_file(state, str(folder / DISCRIMINATOR_FILE), metadata={"discriminator": json.dumps(description)})
 
 
+def load_discriminator(discriminator: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load `discriminator.safetensors` (or a final folder holding it) into `discriminator`, strictly; a file
+    written for another discriminator config raises `ValueError` naming the arguments to change."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / DISCRIMINATOR_FILE
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise FileNotFoundError(f"--discriminator_weights {path}: no such .safetensors file.")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    wanted = discriminator_description(discriminator)
+    if "discriminator" in metadata:
+        saved = json.loads(metadata["discriminator"])
+        if saved != wanted:
+            raise ValueError(
+                f"--discriminator_weights {path} is a {saved}, this run builds a {wanted}: pass "
+                f"--disc_layers {saved['config']['num_layers']} (and the same autoencoder channels)."
+            )
+    try:
+        discriminator.load_state_dict(load_file(str(path)))
+    except RuntimeError as err:
+        raise ValueError(f"--discriminator_weights {path} does not fit this run's discriminator: {err}") from err
+
+
 def write_recipe(folder: Path, recipe: dict[str, Any], step: int) -> None:
     has_discriminator = recipe.get("discriminator") is not None
     text = recipe_json(recipe, step, DISCRIMINATOR_FILE if has_discriminator else None)
