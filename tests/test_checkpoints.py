@@ -215,6 +215,8 @@ def test_killed_at_every_moment_then_resumed_equals_the_uninterrupted_run(runs, 
     got = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [row["step"] for row in got] == list(range(1, MAX_STEPS + 1))
     assert [row["loss"] for row in got] == [row["loss"] for row in expected]
+    metrics = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [0, MAX_STEPS]  # the final validation once, though two final saves were killed
     ours = DiffusersAutoencoderKL.from_pretrained(out)
     assert ours.config.scaling_factor == DiffusersAutoencoderKL.from_pretrained(reference).config.scaling_factor
 

@@ -192,6 +192,13 @@ def clear_interrupted_saves(output_dir: Path) -> list[str]:
     return actions
 
 
+def logged_steps(path: Path) -> set[int]:
+    """The steps of a JSONL log's rows (empty when there is no log)."""
+    if not path.is_file():
+        return set()
+    return {json.loads(line)["step"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
 def truncate_jsonl(path: Path, step: int) -> None:
     # Rows written after the checkpoint we resume from belong to a future that is being replayed.
     if path.is_file():

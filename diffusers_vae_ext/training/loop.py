@@ -16,7 +16,7 @@ from .. import fp16_safe, losses
 from ..hardware import choose_path, describe_path
 from ..modeling import AutoencoderKL
 from .arguments import parse_args, resolve_mixed_precision
-from .checkpoints import StopRequested, register_ema_checkpointing, resume_state, save_checkpoint
+from .checkpoints import StopRequested, logged_steps, register_ema_checkpointing, resume_state, save_checkpoint
 from .data import posterior_noise, training_dataloader, training_images, validation_batch
 from .model import VAETrainingForward, ema_weights, load_vae, prepare_for_training
 from .objective import discriminator_loss_fn, generator_loss
@@ -312,8 +312,10 @@ def train(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped_vae.parameters())
-        if args.max_train_steps % args.validation_steps:
-            validate(unwrapped_vae, validation_pixels, global_step, args, accelerator)
+        if args.max_train_steps % args.validation_steps and global_step not in logged_steps(metrics_path):
+            validate(
+                unwrapped_vae, validation_pixels, global_step, args, accelerator
+            )  # not if a killed final save did
         staging = begin_final_save(output_dir)
         unwrapped_vae.save_pretrained(staging, safe_serialization=True)
         if recipe is not None:
