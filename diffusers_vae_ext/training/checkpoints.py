@@ -14,7 +14,8 @@ only when complete:
 
 A kill at any moment therefore leaves every `checkpoint-<step>` complete. At the start of a run the main process
 clears what an interrupted save left (`clear_interrupted_saves`): a temporary folder whose marker is complete is
-renamed into place (it was killed between marker and rename), any other is deleted, as are `.deleting` folders.
+renamed into place (it was killed between marker and rename; it replaces an earlier run's folder of the same
+step), any other is deleted, as are `.deleting` folders.
 
 Which checkpoint is complete (`checkpoint_problem`): one with a marker must hold every file it lists at the listed
 size, with whole safetensors headers; the one chosen for resuming is also checked against the sha256s (so a
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 
 from ..atomic import (
+    atomic_write_text,
     folder_files,
     fsync_dir,
     marker_problem,
@@ -179,14 +181,16 @@ def clear_interrupted_saves(output_dir: Path) -> list[str]:
     for leftover in sorted(output_dir.glob(".checkpoint-*.tmp")):
         target = output_dir / leftover.name[1:].removesuffix(".tmp")
         complete = _step_of(leftover) is not None and marker_problem(leftover, MARKER, verify_hashes=True) is None
-        if complete and not target.exists():
+        if complete:
+            if target.exists():  # an earlier run's checkpoint of the same step
+                _delete(target)
             os.replace(leftover, target)
             fsync_dir(output_dir)
             actions.append(f"completed the interrupted save of {target.name} (killed after its marker)")
         else:
             shutil.rmtree(leftover)
             actions.append(f"removed {leftover.name}, an interrupted checkpoint save")
-    for leftover in sorted(output_dir.glob(".checkpoint-*.deleting")) + sorted(output_dir.glob(".checkpoint-*.old")):
+    for leftover in sorted(output_dir.glob(".checkpoint-*.deleting")):
         shutil.rmtree(leftover)
         actions.append(f"removed {leftover.name}, an interrupted deletion")
     return actions
@@ -204,7 +208,7 @@ def truncate_jsonl(path: Path, step: int) -> None:
     if path.is_file():
         rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         kept = [line for line in rows if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class StopRequested:
@@ -256,7 +260,7 @@ def resume_state(
         for line in clear_interrupted_saves(output_dir) + clear_interrupted_final_save(output_dir):
             logger.warning("%s: %s.", output_dir, line)
     accelerator.wait_for_everyone()
-    checkpoint = resolve_resume_checkpoint(args, log=accelerator.is_main_process)
+    checkpoint = _resolve_on_main(accelerator, args)
     if checkpoint is None:
         if accelerator.is_main_process:
             for stale in jsonl_logs:
@@ -271,6 +275,24 @@ def resume_state(
         for path in jsonl_logs:
             truncate_jsonl(path, global_step)
     return global_step, first_epoch, skip_batches
+
+
+def _resolve_on_main(accelerator, args: argparse.Namespace) -> Path | None:
+    # The main process checks (and hashes) the checkpoints once; the others get its answer, or its error.
+    if accelerator.num_processes == 1:
+        return resolve_resume_checkpoint(args)
+    from accelerate.utils import broadcast_object_list
+
+    answer: list = [None, None]
+    if accelerator.is_main_process:
+        try:
+            answer[0] = resolve_resume_checkpoint(args)
+        except (ValueError, FileNotFoundError) as err:
+            answer[1] = err
+    broadcast_object_list(answer)
+    if answer[1] is not None:
+        raise answer[1]
+    return answer[0]
 
 
 def save_checkpoint(
