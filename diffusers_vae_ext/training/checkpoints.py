@@ -206,8 +206,13 @@ def logged_steps(path: Path) -> set[int]:
 def truncate_jsonl(path: Path, step: int) -> None:
     # Rows written after the checkpoint we resume from belong to a future that is being replayed.
     if path.is_file():
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash (power loss) is dropped
+                pass
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
