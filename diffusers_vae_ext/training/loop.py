@@ -17,7 +17,14 @@ from ..hardware import choose_path, describe_path
 from ..modeling import AutoencoderKL
 from .arguments import parse_args, resolve_mixed_precision
 from .checkpoints import StopRequested, register_ema_checkpointing, resume_state, save_checkpoint
-from .data import posterior_noise, training_dataloader, training_images, validation_batch
+from .data import (
+    epoch_batches,
+    posterior_noise,
+    training_dataloader,
+    training_images,
+    updates_per_epoch,
+    validation_batch,
+)
 from .model import VAETrainingForward, ema_weights, load_vae, prepare_for_training
 from .objective import discriminator_loss_fn, generator_loss
 from .output import recompute_scaling_factor
@@ -115,7 +122,7 @@ def train(args: argparse.Namespace) -> Path:
     )
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, **scheduler_steps)
 
-    dataset, dataloader = training_dataloader(train_images, resolution, channels, args, accelerator.num_processes)
+    dataset, dataloader = training_dataloader(train_images, resolution, channels, args, accelerator)
     training_forward = VAETrainingForward(vae, args.train_decoder_only)
     if discriminator is not None:
         disc_optimizer = torch.optim.AdamW(
@@ -144,10 +151,10 @@ def train(args: argparse.Namespace) -> Path:
     num_pixels = channels * resolution * resolution
     d_loss_fn = discriminator_loss_fn(args.disc_loss)
 
-    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    if updates_per_epoch == 0:
+    steps_per_epoch = updates_per_epoch(dataloader, args)  # a stream: --max_train_steps (one pass)
+    if steps_per_epoch == 0:
         raise ValueError("The data loader yields no full batch: lower --train_batch_size.")
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -158,9 +165,7 @@ def train(args: argparse.Namespace) -> Path:
     log_path, metrics_path = output_dir / "train_log.jsonl", output_dir / "metrics.jsonl"
 
     # ---- resume
-    global_step, first_epoch, skip_batches = resume_state(
-        accelerator, args, updates_per_epoch, (log_path, metrics_path)
-    )
+    global_step, first_epoch, skip_batches = resume_state(accelerator, args, steps_per_epoch, (log_path, metrics_path))
 
     accelerator.print(
         f"Training {'the decoder of ' if args.train_decoder_only else ''}a VAE with "
@@ -185,9 +190,7 @@ def train(args: argparse.Namespace) -> Path:
         for epoch in range(first_epoch, num_epochs):
             dataloader.set_epoch(epoch)
             dataset.set_epoch(epoch)
-            batches = dataloader
-            if epoch == first_epoch and skip_batches:
-                batches = accelerator.skip_first_batches(dataloader, skip_batches)
+            batches = epoch_batches(accelerator, dataloader, skip_batches if epoch == first_epoch else 0)
             for batch in batches:
                 pixels = batch["pixel_values"]
                 step = global_step  # the optimisation step this micro-batch belongs to
@@ -197,7 +200,9 @@ def train(args: argparse.Namespace) -> Path:
                     latent_shape = (pixels.shape[0], vae.config.latent_channels) + tuple(
                         s // vae.downsampling_factor for s in pixels.shape[-2:]
                     )
-                    noise = posterior_noise(latent_shape, args.seed, step, micro_step, accelerator.process_index)
+                    noise = posterior_noise(
+                        latent_shape, args.seed, step, micro_step, accelerator.process_index, accelerator.num_processes
+                    )
                     reconstructions, moments = training_forward(pixels, noise.to(accelerator.device))
                     reconstructions = reconstructions.float()
                     adversarial = discriminator is not None and step >= args.disc_start
