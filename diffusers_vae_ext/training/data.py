@@ -356,9 +356,10 @@ def register_stream_checkpointing(accelerator: Any, loader: StreamedLoader) -> N
     def save(models, weights, checkpoint_dir):
         states = gather_object([loader.state_dict()])
         if accelerator.is_main_process:
-            merged = {**states[0], "positions": {}}
+            merged = {**states[0], "positions": {}, "batches": {}}
             for state in states:
                 merged["positions"].update(state["positions"])
+                merged["batches"].update(state["batches"])
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             (Path(checkpoint_dir) / DATA_STATE_FILE).write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
 

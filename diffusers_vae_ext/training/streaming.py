@@ -174,8 +174,10 @@ class StreamedImages(IterableDataset):
         self.report = SkipReport(output_dir)
         self.video = source.kind == VideoFolderSource.kind
         self.clip_options, self.frame_multiple = clip_options, frame_multiple
-        # consumer -> (epoch, index of the last sample it served); set from a checkpoint by `StreamedLoader`.
+        # consumer -> (epoch, index of the last sample it served), and which worker serves the next batch: set from
+        # a checkpoint by `StreamedLoader`.
         self.resume: dict[int, tuple[int, int]] = {}
+        self.worker_offset = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Nothing to do: each consumer's stream moves on to the next epoch by itself."""
@@ -184,6 +186,9 @@ class StreamedImages(IterableDataset):
         """(index, count) of this (process, worker) among all consumers."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # A DataLoader takes batches from its workers in turn, starting with worker 0: after a resume, worker 0
+        # plays the reader whose turn it was, so the batches come in the uninterrupted run's order.
+        worker = (worker + self.worker_offset) % workers
         return self.rank * workers + worker, self.world_size * workers
 
     # --------------------------------------------------------------------------------------------- reading
@@ -304,6 +309,7 @@ class StreamedLoader:
     def __init__(self, dataloader: torch.utils.data.DataLoader, dataset: StreamedImages, device: torch.device):
         self.dataloader, self.dataset, self.device = dataloader, dataset, device
         self.position: dict[int, tuple[int, int]] = {}
+        self.batches = 0  # handed to the loop since the run (not this process) started
 
     def set_epoch(self, epoch: int) -> None:
         """Nothing to do (see `StreamedImages.set_epoch`)."""
@@ -315,12 +321,14 @@ class StreamedLoader:
                 batch["consumer"].tolist(), batch["epoch"].tolist(), batch["index"].tolist()
             ):
                 self.position[consumer] = (epoch, index)
+            self.batches += 1
             batch["pixel_values"] = batch["pixel_values"].to(self.device, non_blocking=True)
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
         info = {"workers": max(1, self.dataloader.num_workers), "processes": self.dataset.world_size}
-        return {**info, "positions": {str(c): list(p) for c, p in sorted(self.position.items())}}
+        positions = {str(c): list(p) for c, p in sorted(self.position.items())}
+        return {**info, "positions": positions, "batches": {str(self.dataset.rank): self.batches}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         here = {"workers": max(1, self.dataloader.num_workers), "processes": self.dataset.world_size}
@@ -333,4 +341,6 @@ class StreamedLoader:
                 "--num_processes and --dataloader_num_workers."
             )
         self.position = {int(c): (int(p[0]), int(p[1])) for c, p in state["positions"].items()}
+        self.batches = int(state["batches"].get(str(self.dataset.rank), 0))
         self.dataset.resume = dict(self.position)
+        self.dataset.worker_offset = self.batches % here["workers"]
