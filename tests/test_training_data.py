@@ -187,6 +187,18 @@ def test_shards_on_s3_train_exactly_like_the_same_images_in_a_folder(data, s3_en
         torch.testing.assert_close(final_s3[key], value, rtol=1e-5, atol=1e-6)
     assert not (from_s3 / SKIPPED_FILE).exists()
 
+    # The same images as parquet, HF's {"bytes": ..., "path": ...} image structs, one row group per PER_SHARD rows.
+    pq = pytest.importorskip("pyarrow.parquet", reason="parquet needs pyarrow (the scale extra)")
+    import pyarrow as pa
+
+    files = sorted(folder.iterdir())
+    images = [{"bytes": f.read_bytes(), "path": f.name} for f in files]
+    table = pa.table({"image": images, "text": [f"photo {i}" for i in range(len(files))]})
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(table, tmp_path / "parquet" / "part-0.parquet", row_group_size=PER_SHARD)
+    from_parquet = training.main(train_args(config, tmp_path / "pq", str(tmp_path / "parquet"), *steps))
+    assert losses(from_parquet) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
 
 # ----------------------------------------------------------------------------------- the split over readers
 def test_each_sample_is_read_once_per_epoch_over_2_ranks_x_2_workers(tmp_path):
@@ -366,3 +378,26 @@ def test_video_folder_streams_clips_cut_as_the_cache_cuts_them(tmp_path):
     skipped = read_jsonl(tmp_path / "o" / SKIPPED_FILE)
     assert [(row["source"], row["kind"]) for row in skipped] == [("short.mp4", "too_short")]
     assert next(iter(read_unit_items(train.source, train.units[0]))).extra["path"].endswith(".mp4")
+
+
+def test_the_recipe_describes_the_data_without_credentials(data):
+    from diffusers_vae_ext.training.data import describe_training_data
+
+    _, folder, shards = data
+    args = training.parse_args(
+        ["--train_data_dir", str(shards), "--report_to", "none", "--num_validation_images", "1"]
+    )
+    train, _, _ = training.training_images(args)
+    args.storage_options = {
+        "endpoint_url": "http://x",
+        "key": "AKIASECRET",
+        "client_kwargs": {"aws_session_token": "t"},
+    }
+    record = describe_training_data(args, train)
+    text = json.dumps(record)
+    assert "AKIASECRET" not in text and '"t"' not in text and "http://x" in text
+    assert record["type"] == "webdataset" and record["read"] == "streamed" and record["num_units"] == 4
+    assert record["held_out"] == ["00000.tar/00000"]
+    args = training.parse_args(["--train_data_dir", str(folder), "--report_to", "none"])
+    train, _, _ = training.training_images(args)
+    assert describe_training_data(args, train)["read"] == "map-style"

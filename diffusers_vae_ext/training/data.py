@@ -236,6 +236,44 @@ def training_images(args: argparse.Namespace) -> tuple[Sequence, Sequence, str]:
     return train, validation, f"the {len(train)} built-in sample photos (scikit-image)"
 
 
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def redacted_storage_options(options: dict | None) -> dict | None:
+    """`--storage_options` fit for a recipe or a log: values of credential-like keys replaced by "<redacted>"."""
+    if options is None:
+        return None
+
+    def clean(value: Any, name: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, k) for k, v in value.items()}
+        if any(word in name.lower() for word in _SECRET_WORDS):
+            return "<redacted>"
+        return value
+
+    return clean(options)
+
+
+def describe_training_data(args: argparse.Namespace, images: Sequence) -> dict[str, Any]:
+    """What a run's recipe records about its data (JSON-ready, never credentials): the input, how it is read,
+    the order's settings and the held-out samples."""
+    order = {"seed": args.seed, "unit_size": args.unit_size, "shuffle_buffer": args.shuffle_buffer}
+    if isinstance(images, StreamedSource):
+        record = {**images.source.describe(), "read": "streamed", "num_units": len(images.units)}
+        record["held_out"] = list(images.held_out)
+        record["storage_options"] = redacted_storage_options(args.storage_options)
+        if images.video:
+            record["clips"] = clip_options(args).to_dict()
+        return {**record, **order}
+    if args.train_data_dir:
+        record = {"type": "image_folder", "path": str(args.train_data_dir)}
+    elif args.dataset_name:
+        record = {"type": "datasets", "name": args.dataset_name, "split": args.dataset_split}
+    else:
+        record = {"type": "builtin_photos", "held_out": list(BUILTIN_VALIDATION_PHOTOS)}
+    return {**record, "read": "map-style", "num_training_images": len(images), **order}
+
+
 def _maybe_clip_options(args: argparse.Namespace):
     return clip_options(args) if getattr(args, "num_frames", None) is not None else None
 
