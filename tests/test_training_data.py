@@ -302,7 +302,7 @@ def test_resume_on_shards_continues_with_identical_losses(data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
-def test_corrupt_members_are_skipped_and_listed_without_stopping(tmp_path, data):
+def test_corrupt_members_are_skipped_and_listed_without_stopping(tmp_path, data, capsys):
     config, _, _ = data
     blobs = encoded_photos(8)
     _, shards = write_folder_and_shards(tmp_path, blobs)
@@ -326,6 +326,7 @@ def test_corrupt_members_are_skipped_and_listed_without_stopping(tmp_path, data)
     assert "tar broken" in by_source["00001.tar"]["reason"]
     assert all(row["epoch"] >= 0 for row in skipped)
     assert len(skipped) == len({(row["epoch"], row["source"]) for row in skipped})  # each listed once per epoch
+    assert f"Skipped {len(skipped)} inputs" in capsys.readouterr().out
 
 
 def test_a_missing_package_gives_the_install_hint_before_any_work(tmp_path, monkeypatch, capsys):
@@ -361,6 +362,10 @@ def test_video_folder_streams_clips_cut_as_the_cache_cuts_them(tmp_path):
     )  # fmt: skip
     train, validation, description = training.training_images(args)
     assert "video_folder" in description and train.held_out == ["astronaut.mp4"]
+    with pytest.raises(ValueError, match="needs --num_frames"):
+        training.training_images(training.parse_args(["--train_data_dir", str(root), "--report_to", "none"]))
+    held_out_clips = training.validation_batch(validation, 32, 3, 4)
+    assert held_out_clips.shape == (1, 3, 9, 32, 32)
     options = ClipOptions(num_frames=9, frame_stride=2)
     dataset = StreamedImages(
         train.source, train.units, 32, 3, held_out=train.held_out, clip_options=options, output_dir=tmp_path / "o"

@@ -29,9 +29,14 @@ from ..data import (
     sample_photos,
     to_rgb,
 )
-from .streaming import DATA_STATE_FILE, EpochOrderSampler, StreamedImages, StreamedLoader
+from .streaming import DATA_STATE_FILE, SKIPPED_FILE, EpochOrderSampler, StreamedImages, StreamedLoader
 
 logger = logging.getLogger(__package__)
+
+_NUM_FRAMES_NEEDED = (
+    "Training on videos needs --num_frames (every clip of a batch has the same length), e.g. --num_frames 17 for "
+    "Wan / HunyuanVideo (4k+1), 17 for LTX-Video / CogVideoX (8k+1)."
+)
 
 # Validation photo held out of the built-in sample set: a still life the model never sees in training.
 BUILTIN_VALIDATION_PHOTOS = ("coffee",)
@@ -101,9 +106,11 @@ class StreamedSource(Sequence):
         return self._images()[index]
 
 
-def _usable(stream: StreamedSource, count: int, skip: set[str] = frozenset()) -> list[tuple[str, Any]]:
-    """The first `count` readable images of the source in listing order: (label, bytes), or (label, first-frame PIL
-    image of the video's first clip) for videos."""
+def _usable(
+    stream: StreamedSource, count: int, skip: set[str] = frozenset(), clips: bool = False
+) -> list[tuple[str, Any]]:
+    """The first `count` readable images of the source in listing order: (label, bytes); for videos (label, the
+    first clip as a `video.VideoClip` with `clips`, else the first frame of the first clip as a PIL image)."""
     from ..video import ClipOptions, VideoError, clips_from_file, read_frames
 
     found: list[tuple[str, Any]] = []
@@ -114,7 +121,7 @@ def _usable(stream: StreamedSource, count: int, skip: set[str] = frozenset()) ->
             if stream.video:
                 try:
                     clip = clips_from_file(item.extra["path"], stream.clip_options or ClipOptions(), 1, item.label)[0]
-                    found.append((item.label, Image.fromarray(read_frames(clip)[0])))
+                    found.append((item.label, clip if clips else Image.fromarray(read_frames(clip)[0])))
                 except (VideoError, OSError):
                     continue
             else:
@@ -195,9 +202,12 @@ def training_images(args: argparse.Namespace) -> tuple[Sequence, Sequence, str]:
         units = list(source.units())
         options = _maybe_clip_options(args)
         count = max(1, args.num_validation_images)
-        if source.kind == VideoFolderSource.kind:
+        video = source.kind == VideoFolderSource.kind
+        if video:
+            if args.num_frames is None:
+                raise ValueError(_NUM_FRAMES_NEEDED)
             count = 1 if len(source) > 1 else 0  # the first video; its first clip is the validation sample
-        validation = _usable(StreamedSource(source, units, [], clip_options=options), max(1, count))
+        validation = _usable(StreamedSource(source, units, [], clip_options=options), max(1, count), clips=video)
         if not validation:
             raise ValueError(f"No readable image or video in the first units of {args.train_data_dir!r}.")
         held_labels = [label for label, _ in validation] if count else []
@@ -281,12 +291,29 @@ def _maybe_clip_options(args: argparse.Namespace):
 def validation_batch(
     images: list, resolution: int, channels: int, count: int, resize_to: int | None = None
 ) -> torch.Tensor:
-    """`count` fixed crops of the held-out images (several per image when there are fewer images than `count`)."""
+    """`count` fixed crops of the held-out images (several per image when there are fewer images than `count`),
+    (count, C, H, W); for held-out video clips (`video.VideoClip`), each clip centre-cropped, (N, C, T, H, W)."""
+    from ..video import VideoClip
+
+    if images and isinstance(images[0], VideoClip):
+        return torch.stack([_centre_cropped_clip(clip, resolution, channels, resize_to) for clip in images])
     count = max(count, len(images))
     dataset = TrainingImageDataset(
         images, resolution, channels, random_crop=True, seed=2**31 - 1, min_length=count, resize_to=resize_to
     )
     return torch.stack([dataset[index]["pixel_values"] for index in range(count)])
+
+
+def _centre_cropped_clip(clip: Any, resolution: int, channels: int, resize_to: int | None) -> torch.Tensor:
+    from ..data import random_crop_and_flip, to_model_channels
+    from ..video import frames_to_tensor, read_frames
+
+    side = max(resize_to or resolution, resolution)
+    frames = [
+        np.asarray(random_crop_and_flip(Image.fromarray(f), resolution, side, None, random_crop=False))
+        for f in read_frames(clip)
+    ]
+    return to_model_channels(frames_to_tensor(np.stack(frames)), channels)
 
 
 def training_dataloader(
@@ -308,10 +335,7 @@ def training_dataloader(
         options = None
         if images.video:
             if args.num_frames is None:
-                raise ValueError(
-                    "Training on videos needs --num_frames (every clip of a batch has the same length), e.g. "
-                    f"--num_frames {4 * 4 + 1} for Wan / HunyuanVideo, {8 * 2 + 1} for LTX / CogVideoX."
-                )
+                raise ValueError(_NUM_FRAMES_NEEDED)
             options = clip_options(args)
             options.check(frame_multiple)
         dataset = StreamedImages(
@@ -367,6 +391,19 @@ def training_dataloader(
         pin_memory=torch.cuda.is_available(),
     )
     return dataset, dataloader
+
+
+def skipped_summary(output_dir: str | Path) -> str | None:
+    """One line on the inputs the stream skipped (`skipped.jsonl`), or None when it skipped none."""
+    path = Path(output_dir) / SKIPPED_FILE
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kinds: dict[str, int] = {}
+    for row in rows:
+        kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    return f"Skipped {len(rows)} inputs ({counts}), listed with the reasons in {path}."
 
 
 def updates_per_epoch(dataloader: Any, args: argparse.Namespace) -> int:

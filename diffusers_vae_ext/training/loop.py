@@ -20,6 +20,8 @@ from .checkpoints import StopRequested, register_ema_checkpointing, resume_state
 from .data import (
     epoch_batches,
     posterior_noise,
+    redacted_storage_options,
+    skipped_summary,
     training_dataloader,
     training_images,
     updates_per_epoch,
@@ -309,8 +311,11 @@ def train(args: argparse.Namespace) -> Path:
         if args.recompute_scaling_factor:
             recompute_scaling_factor(unwrapped_vae, train_images, resolution, channels, args, output_dir)
         curve = plot_loss_curve(log_path, metrics_path, output_dir / "loss_curve.png")
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2) + "\n", encoding="utf-8")
+        recipe_args = {**vars(args), "storage_options": redacted_storage_options(args.storage_options)}
+        (output_dir / "training_args.json").write_text(json.dumps(recipe_args, indent=2) + "\n", encoding="utf-8")
         final = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line][-1]
+        if skipped := skipped_summary(output_dir):
+            accelerator.print(skipped)
         accelerator.print(
             f"Done: {global_step} steps in {elapsed:.0f} s. Held-out PSNR {final['psnr']:.2f} dB. "
             f"VAE saved to {output_dir}" + (f"; loss curve {curve}" if curve else "")
