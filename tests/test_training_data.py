@@ -249,12 +249,17 @@ def test_two_processes_give_the_result_of_one_on_streamed_shards(data, tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         str(REPO / "scripts" / "finetune_vae.py"), *train_args(config, tmp_path / "two", str(shards), *steps)],
+         str(REPO / "scripts" / "finetune_vae.py"), *train_args(config, tmp_path / "two", str(shards), *steps),
+         "--checkpointing_steps", "2"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "x 2 processes" in result.stdout  # really two
     assert [row["step"] for row in read_jsonl(tmp_path / "two" / "train_log.jsonl")] == [1, 2, 3, 4]
+    # Each checkpoint holds both ranks' stream positions (gathered from the two processes).
+    state = json.loads((tmp_path / "two" / "checkpoint-2" / "data_state.json").read_text())
+    assert state["processes"] == 2 and state["batches"] == {"0": 2, "1": 2}
+    assert {c: p[0] for c, p in state["positions"].items()} == {"0": 0, "1": 0}
     # The gradient is the mean of the same two micro-batch gradients, summed in another order (accumulation vs
     # gloo's all-reduce): float32 rounding, about 1e-7 relative per step, which AdamW's 4 steps of lr 1e-3 keep
     # far below 1e-5 (measured: bit-identical). A wrong split (other samples) moves weights by ~1e-3.
