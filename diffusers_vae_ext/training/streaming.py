@@ -32,7 +32,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..cache.sources import Source, Unit, VideoFolderSource, read_unit_items
@@ -194,6 +196,8 @@ class StreamedImages(IterableDataset):
     # --------------------------------------------------------------------------------------------- reading
     def _light_items(self, units: list[Unit], epoch: int, consumer: int) -> Iterator[tuple[str, Any]]:
         """(label, payload) of the usable items of `units` in order, before decoding: bytes, or a `VideoClip`."""
+        if self.video:
+            from ..video import VideoError, clips_from_file  # PyAV only where videos are read
         for unit in units:
             for item in read_unit_items(self.source, unit):
                 if item.error is not None:
@@ -204,8 +208,6 @@ class StreamedImages(IterableDataset):
                 if not self.video:
                     yield item.label, item.data
                     continue
-                from ..video import VideoError, clips_from_file
-
                 path = item.extra["path"]
                 try:
                     clips = clips_from_file(path, self.clip_options, self.frame_multiple, item.label)
@@ -235,9 +237,7 @@ class StreamedImages(IterableDataset):
         return to_model_channels(pil_to_tensor(image), self.channels)
 
     def _decode_clip(self, label: str, clip: Any, epoch: int, consumer: int) -> torch.Tensor | None:
-        from PIL import Image
-
-        from ..video import VideoError, frames_to_tensor, read_frames
+        from ..video import VideoError, frames_to_tensor, read_frames  # PyAV only where videos are read
 
         try:
             frames = read_frames(clip)
@@ -257,8 +257,6 @@ class StreamedImages(IterableDataset):
                 Image.fromarray(frame), self.resolution, self.resize_to, rng, True, self.random_flip
             )
             cropped.append(image)
-        import numpy as np
-
         video = frames_to_tensor(np.stack([np.asarray(image) for image in cropped]))
         return to_model_channels(video, self.channels)
 
