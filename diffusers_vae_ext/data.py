@@ -294,8 +294,8 @@ class TrainingImageDataset(torch.utils.data.Dataset):
             a batch on every process); repeats get their own crops.
 
     Item `i` is image `i % len(images)`, repeat `i // len(images)`; its crop and flip come from
-    `augmentation_rng(seed, epoch, key, repeat)`, the key being the content hash of a file's or bytes' content
-    (position `i` for PIL images). An unreadable file is reported with a warning and replaced by the next readable
+    `augmentation_rng(seed, epoch, key, repeat)`, the key being the content hash of a file's or bytes' content; for
+    PIL images from `numpy.random.default_rng([seed, epoch, i])`. An unreadable file is reported with a warning and replaced by the next readable
     image, so one bad file does not stop a long run; the folder listing has already refused folders with no images.
     """
 
@@ -329,12 +329,12 @@ class TrainingImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images) * self.repeats
 
-    def _load(self, index: int) -> tuple[Image.Image, str]:
+    def _load(self, index: int) -> tuple[Image.Image, str | None]:
         for offset in range(len(self.images)):
             position = (index + offset) % len(self.images)
             item = self.images[position]
             if isinstance(item, Image.Image):
-                return item, f"image{position}"
+                return item, None
             try:
                 if isinstance(item, (bytes, bytearray)):
                     return load_image_rgb(io.BytesIO(item)), content_key(bytes(item))
@@ -349,7 +349,10 @@ class TrainingImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, key = self._load(index % len(self.images))
-        rng = augmentation_rng(self.seed, self.epoch, key, index // len(self.images))
+        if key is None:  # PIL images (the built-in photos, `datasets` rows): keyed by position, as always
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+        else:
+            rng = augmentation_rng(self.seed, self.epoch, key, index // len(self.images))
         image = random_crop_and_flip(image, self.resolution, self.resize_to, rng, self.random_crop, self.random_flip)
         return {"pixel_values": to_model_channels(pil_to_tensor(image), self.channels)}
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..cache.sources import FolderSource, VideoFolderSource, open_source, read_unit_items
 from ..data import (
+    EpochShuffleSampler,
     TrainingImageDataset,
     UnreadableImageError,
     load_image_rgb,
@@ -188,9 +189,10 @@ def _unit_lengths(count: int, unit_size: int, training: Sequence[int]) -> list[i
 def training_images(args: argparse.Namespace) -> tuple[Sequence, Sequence, str]:
     """(training images, held-out validation images, description), through one door for every input:
 
-    - the built-in photos, a local image folder and a `--dataset_name` dataset are read map-style (random access,
-      today's speed) in the streamed order's map-style twin (`streaming.EpochOrderSampler` over units of
-      `--unit_size` images): a `UnitImages` list of files / PIL images, or `DatasetImages`;
+    - a local image folder and a `--dataset_name` dataset are read map-style (random access, today's speed) in the
+      streamed order's map-style twin (`streaming.EpochOrderSampler` over units of `--unit_size` images): a
+      `UnitImages` list of files, or `DatasetImages`; the built-in photos too, in their own per-epoch
+      permutation (`data.EpochShuffleSampler`, so the README's first run is what it always was);
     - anything else the latent cache reads (webdataset shards, parquet, any fsspec URL, a video folder) is
       streamed: a `StreamedSource`, held-out images being the first readable ones of the first units.
 
@@ -242,7 +244,7 @@ def training_images(args: argparse.Namespace) -> tuple[Sequence, Sequence, str]:
     photos = sample_photos()
     validation = [photos.pop(name) for name in BUILTIN_VALIDATION_PHOTOS]
     train = UnitImages(photos.values())
-    train.unit_lengths = [len(train)]
+    train.unit_lengths = []  # no units: the README's first command keeps its order (`EpochShuffleSampler`)
     return train, validation, f"the {len(train)} built-in sample photos (scikit-image)"
 
 
@@ -381,11 +383,15 @@ def training_dataloader(
         min_length=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         resize_to=args.resize_to,
     )
-    unit_lengths = getattr(images, "unit_lengths", None) or [len(images)]
+    unit_lengths = getattr(images, "unit_lengths", None)
+    if unit_lengths:
+        sampler = EpochOrderSampler(unit_lengths, args.seed, args.shuffle_buffer, dataset.repeats)
+    else:
+        sampler = EpochShuffleSampler(len(dataset), seed=args.seed)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
-        sampler=EpochOrderSampler(unit_lengths, args.seed, args.shuffle_buffer, dataset.repeats),
+        sampler=sampler,
         drop_last=True,
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),
