@@ -11,6 +11,8 @@ pipelines' image processors produce. Other normalisations (ImageNet mean/std, [0
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import warnings
@@ -237,17 +239,50 @@ def open_dataset(name_or_path: str | os.PathLike, split: str = "train"):
 # ============================================================================================ training images
 
 
-def _augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    # Crops and flips are a pure function of (seed, epoch, index): a resumed run sees exactly the same pixels
-    # without restoring any RNG state, whatever the number of DataLoader workers.
-    return np.random.default_rng([seed, epoch, index])
+def augmentation_rng(seed: int, epoch: int, key: str, repeat: int = 0) -> np.random.Generator:
+    """The random generator of one sample's crop and flip: a pure function of (seed, epoch, sample key, repeat).
+
+    The key is the image's content hash (`cache.sources.content_hash` of its bytes) wherever the bytes are known,
+    so an image gets the same crop whichever path, worker, process or position serves it (a folder and the same
+    images as webdataset shards train identically), and a resumed run sees exactly the same pixels.
+    """
+    digest = hashlib.sha256(f"{seed}\x00{epoch}\x00{key}\x00{repeat}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def content_key(data: bytes) -> str:
+    """The sample key of an image's bytes (the same digest as the latent cache's `content_hash`)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def random_crop_and_flip(
+    image: Image.Image,
+    resolution: int,
+    resize_to: int,
+    rng: np.random.Generator,
+    random_crop: bool = True,
+    random_flip: bool = False,
+) -> Image.Image:
+    """Resize the short side to `resize_to`, crop a `resolution` square (random or centred), flip with p = 1/2."""
+    scale = resize_to / min(image.size)
+    size = (max(resize_to, round(image.width * scale)), max(resize_to, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    if random_crop:
+        left = int(rng.integers(0, image.width - resolution + 1))
+        top = int(rng.integers(0, image.height - resolution + 1))
+    else:
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
 
 
 class TrainingImageDataset(torch.utils.data.Dataset):
     """Training images: resize the short side to `resolution`, crop a square, optionally flip; [-1, 1] tensors.
 
     Args:
-        images: image files, or PIL images (the built-in sample photos).
+        images: image files, encoded image bytes, or PIL images (the built-in sample photos).
         resolution: side of the square crops.
         resize_to: the short side is resized to this before cropping (default `resolution`: the crop is most of
             the image, as in diffusers' examples); larger values train on patches at a finer scale.
@@ -258,13 +293,15 @@ class TrainingImageDataset(torch.utils.data.Dataset):
         min_length: repeat the images until an epoch holds at least this many samples (tiny datasets still fill
             a batch on every process); repeats get their own crops.
 
-    An unreadable file is reported with a warning and replaced by the next readable image, so one bad file does
-    not stop a long run; `list_image_files` has already refused folders with no images at all.
+    Item `i` is image `i % len(images)`, repeat `i // len(images)`; its crop and flip come from
+    `augmentation_rng(seed, epoch, key, repeat)`, the key being the content hash of a file's or bytes' content; for
+    PIL images from `numpy.random.default_rng([seed, epoch, i])`. An unreadable file is reported with a warning and replaced by the next readable
+    image, so one bad file does not stop a long run; the folder listing has already refused folders with no images.
     """
 
     def __init__(
         self,
-        images: Sequence[Path] | Sequence[Image.Image],
+        images: Sequence[Path] | Sequence[bytes] | Sequence[Image.Image],
         resolution: int,
         channels: int = 3,
         random_crop: bool = True,
@@ -292,31 +329,31 @@ class TrainingImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images) * self.repeats
 
-    def _load(self, index: int) -> Image.Image:
+    def _load(self, index: int) -> tuple[Image.Image, str | None]:
         for offset in range(len(self.images)):
-            item = self.images[(index + offset) % len(self.images)]
+            position = (index + offset) % len(self.images)
+            item = self.images[position]
             if isinstance(item, Image.Image):
-                return item
+                return item, None
             try:
-                return load_image_rgb(item)
+                if isinstance(item, (bytes, bytearray)):
+                    return load_image_rgb(io.BytesIO(item)), content_key(bytes(item))
+                data = Path(item).read_bytes()
+                try:
+                    return load_image_rgb(io.BytesIO(data)), content_key(data)
+                except UnreadableImageError as err:
+                    raise UnreadableImageError(item, err.reason) from err
             except UnreadableImageError as err:
                 warnings.warn(f"Skipping unreadable training image {err}", stacklevel=2)
         raise ValueError("None of the training images could be read; see the warnings above.")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image = self._load(index % len(self.images))
-        rng = _augmentation_rng(self.seed, self.epoch, index)
-        scale = self.resize_to / min(image.size)
-        size = (max(self.resize_to, round(image.width * scale)), max(self.resize_to, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        if self.random_crop:
-            left = int(rng.integers(0, image.width - self.resolution + 1))
-            top = int(rng.integers(0, image.height - self.resolution + 1))
+        image, key = self._load(index % len(self.images))
+        if key is None:  # PIL images (the built-in photos, `datasets` rows): keyed by position, as always
+            rng = np.random.default_rng([self.seed, self.epoch, index])
         else:
-            left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if self.random_flip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            rng = augmentation_rng(self.seed, self.epoch, key, index // len(self.images))
+        image = random_crop_and_flip(image, self.resolution, self.resize_to, rng, self.random_crop, self.random_flip)
         return {"pixel_values": to_model_channels(pil_to_tensor(image), self.channels)}
 
 

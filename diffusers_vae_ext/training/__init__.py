@@ -24,6 +24,8 @@ Modules, lower layers first (none imports `loop`):
 
 - `arguments`: `parse_args` (every argument and default), `resolve_mixed_precision`, the built-in configs;
 - `data`: training and held-out images, the training DataLoader, the posterior noise per step;
+- `streaming`: shards, parquet, URLs and videos streamed over (process, worker) readers, each sample once per
+  epoch, with the stream's position in every checkpoint (exact resume);
 - `model`: what is trained: `load_vae`, `VAETrainingForward` (the module the optimiser sees), EMA weights;
 - `objective`: the generator's loss (reconstruction, LPIPS, KL, adversarial) and the discriminator's;
 - `recipe`: `training_recipe.json`, what it takes to reproduce, resume or restart the run elsewhere;

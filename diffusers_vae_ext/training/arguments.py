@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 import torch
 
 from .. import fp16_safe
+from ..cache.sources import check_source_dependencies
 from ..hardware import choose_path
 from ..optional import MissingDependencyError, require
 
@@ -43,7 +45,14 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", default=None, help="folder of images (recursive)")
+    data.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="what the latent cache reads: a folder of images (recursive) or videos; webdataset .tar shards (a "
+        "folder, prefix, glob or brace pattern such as data/{00000..00099}.tar); .parquet files; local or any "
+        "fsspec URL (s3://bucket/shards/, gs://...). Shards, parquet, URLs and videos are streamed, see "
+        "docs/training.md",
+    )
     data.add_argument("--dataset_name", default=None, help="a datasets name or a folder saved with save_to_disk")
     data.add_argument("--dataset_split", default="train")
     data.add_argument("--image_column", default="image")
@@ -59,7 +68,39 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     data.add_argument("--random_flip", action="store_true")
     data.add_argument("--num_validation_images", type=int, default=4, help="held out of the training data")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes; streamed data is split over processes x workers (each unit read once)",
+    )
+    data.add_argument(
+        "--storage_options",
+        type=_json_object,
+        default=None,
+        help='fsspec options as JSON for --train_data_dir URLs, e.g. \'{"endpoint_url": "http://..."}\' (default: '
+        "credentials and endpoint from the environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)",
+    )
+    data.add_argument(
+        "--unit_size",
+        type=int,
+        default=512,
+        help="images / videos / dataset rows per unit of the epoch order (a tar shard or a parquet row group is "
+        "one unit anyway); units are shuffled per epoch and split over processes x workers",
+    )
+    data.add_argument(
+        "--shuffle_buffer", type=int, default=1000, help="samples held per reader to shuffle within its units"
+    )
+    video = parser.add_argument_group("videos (clips cut as `diffusers-vae cache` and `stats` cut them)")
+    video.add_argument(
+        "--num_frames", type=int, default=None, help="frames per training clip (video VAEs: 4k+1, 8k+1)"
+    )
+    rate = video.add_mutually_exclusive_group()
+    rate.add_argument("--frame_stride", type=int, default=None, help="take every n-th frame")
+    rate.add_argument("--fps", type=float, default=None, help="resample to this frame rate by timestamps")
+    video.add_argument("--clips_per_video", type=int, default=1, help="non-overlapping clips spread over each video")
+    video.add_argument("--image_sequence", action="store_true", help="folders of frames are videos")
+    video.add_argument("--sequence_fps", type=float, default=24.0, help="frame rate of image sequences")
 
     train = parser.add_argument_group("optimisation")
     train.add_argument("--output_dir", default="vae-finetuned")
@@ -148,7 +189,14 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         args.resize_to = 256
     if args.train_decoder_only and from_scratch:
         parser.error("--train_decoder_only needs a trained encoder: give --pretrained_model_name_or_path")
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+    for name in (
+        "max_train_steps",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "unit_size",
+        "shuffle_buffer",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.discriminator_weights and args.disc_weight <= 0:
@@ -167,11 +215,25 @@ def _check_optional_dependencies(args: argparse.Namespace, parser: argparse.Argu
         needs.append(("wandb", "--report_to wandb"))
     if args.dataset_name:
         needs.append(("datasets", "--dataset_name"))
-    for name, for_what in needs:
-        try:
+    try:
+        for name, for_what in needs:
             require(name, for_what)
-        except MissingDependencyError as err:
-            parser.error(str(err))
+        # What the data argument's name says it needs (s3fs for s3://, webdataset for .tar, braceexpand, ...).
+        check_source_dependencies(args.train_data_dir)
+        if args.num_frames is not None:
+            require("av", "--num_frames (training on videos)")
+    except MissingDependencyError as err:
+        parser.error(str(err))
+
+
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f'not JSON ({err}); e.g. \'{{"endpoint_url": "http://..."}}\'') from err
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {value!r}")
+    return parsed
 
 
 def resolve_mixed_precision(requested: str) -> str:

@@ -17,7 +17,17 @@ from ..hardware import choose_path, describe_path
 from ..modeling import AutoencoderKL
 from .arguments import parse_args, resolve_mixed_precision
 from .checkpoints import StopRequested, logged_steps, register_ema_checkpointing, resume_state, save_checkpoint
-from .data import posterior_noise, training_dataloader, training_images, validation_batch
+from .data import (
+    describe_training_data,
+    epoch_batches,
+    posterior_noise,
+    redacted_storage_options,
+    skipped_summary,
+    training_dataloader,
+    training_images,
+    updates_per_epoch,
+    validation_batch,
+)
 from .model import VAETrainingForward, ema_weights, load_vae, prepare_for_training
 from .objective import discriminator_loss_fn, generator_loss
 from .output import (
@@ -125,7 +135,7 @@ def train(args: argparse.Namespace) -> Path:
     )
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, **scheduler_steps)
 
-    dataset, dataloader = training_dataloader(train_images, resolution, channels, args, accelerator.num_processes)
+    dataset, dataloader = training_dataloader(train_images, resolution, channels, args, accelerator)
     training_forward = VAETrainingForward(vae, args.train_decoder_only)
     if discriminator is not None:
         disc_optimizer = torch.optim.AdamW(
@@ -154,10 +164,10 @@ def train(args: argparse.Namespace) -> Path:
     num_pixels = channels * resolution * resolution
     d_loss_fn = discriminator_loss_fn(args.disc_loss)
 
-    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    if updates_per_epoch == 0:
+    steps_per_epoch = updates_per_epoch(dataloader, args)  # a stream: --max_train_steps (one pass)
+    if steps_per_epoch == 0:
         raise ValueError("The data loader yields no full batch: lower --train_batch_size.")
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -167,14 +177,12 @@ def train(args: argparse.Namespace) -> Path:
             )
     log_path, metrics_path = output_dir / "train_log.jsonl", output_dir / "metrics.jsonl"
 
-    run_recipe = training_recipe(
-        args, unwrapped_vae, unwrapped_disc, source, len(train_images), len(validation_images), accelerator
-    )
+    data_record = {"source": source, **describe_training_data(args, train_images)}
+    data_record["num_validation_images"] = len(validation_images)
+    run_recipe = training_recipe(args, unwrapped_vae, unwrapped_disc, data_record, accelerator)
 
     # ---- resume
-    global_step, first_epoch, skip_batches = resume_state(
-        accelerator, args, updates_per_epoch, (log_path, metrics_path)
-    )
+    global_step, first_epoch, skip_batches = resume_state(accelerator, args, steps_per_epoch, (log_path, metrics_path))
 
     accelerator.print(
         f"Training {'the decoder of ' if args.train_decoder_only else ''}a VAE with "
@@ -201,9 +209,7 @@ def train(args: argparse.Namespace) -> Path:
                 break
             dataloader.set_epoch(epoch)
             dataset.set_epoch(epoch)
-            batches = dataloader
-            if epoch == first_epoch and skip_batches:
-                batches = accelerator.skip_first_batches(dataloader, skip_batches)
+            batches = epoch_batches(accelerator, dataloader, skip_batches if epoch == first_epoch else 0)
             for batch in batches:
                 pixels = batch["pixel_values"]
                 step = global_step  # the optimisation step this micro-batch belongs to
@@ -213,7 +219,9 @@ def train(args: argparse.Namespace) -> Path:
                     latent_shape = (pixels.shape[0], vae.config.latent_channels) + tuple(
                         s // vae.downsampling_factor for s in pixels.shape[-2:]
                     )
-                    noise = posterior_noise(latent_shape, args.seed, step, micro_step, accelerator.process_index)
+                    noise = posterior_noise(
+                        latent_shape, args.seed, step, micro_step, accelerator.process_index, accelerator.num_processes
+                    )
                     reconstructions, moments = training_forward(pixels, noise.to(accelerator.device))
                     reconstructions = reconstructions.float()
                     adversarial = discriminator is not None and step >= args.disc_start
@@ -325,9 +333,12 @@ def train(args: argparse.Namespace) -> Path:
         curve = plot_loss_curve(log_path, metrics_path, staging / "loss_curve.png")
         save_discriminator(unwrapped_disc, staging)
         write_recipe(staging, run_recipe, global_step)
-        (staging / "training_args.json").write_text(json.dumps(vars(args), indent=2) + "\n", encoding="utf-8")
+        recipe_args = {**vars(args), "storage_options": redacted_storage_options(args.storage_options)}
+        (staging / "training_args.json").write_text(json.dumps(recipe_args, indent=2) + "\n", encoding="utf-8")
         publish_final(staging, output_dir, global_step)
         final = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line][-1]
+        if skipped := skipped_summary(output_dir):
+            accelerator.print(skipped)
         accelerator.print(
             f"Done: {global_step} steps in {elapsed:.0f} s. Held-out PSNR {final['psnr']:.2f} dB. "
             f"VAE saved to {output_dir}" + (f"; loss curve {output_dir / curve.name}" if curve else "")

@@ -6,7 +6,7 @@ Written into every checkpoint and into the final folder:
 - `autoencoder`: its class name and full config (a checkpoint holds weights but no config.json);
 - `discriminator`: its class, config and file (`discriminator.safetensors` in the final folder; `model_1.safetensors`
   in a checkpoint, as accelerate names the second prepared model), or null without one;
-- `data`: where the images came from, how many were trained on and how many held out;
+- `data`: where the images came from and how they are read (`data.describe_training_data`), how many held out;
 - `run`: seed, step, processes, mixed precision, gradient accumulation;
 - `versions`: Python, torch, diffusers, accelerate, safetensors and this package.
 """
@@ -18,6 +18,8 @@ import json
 import platform
 from importlib import metadata
 from typing import Any
+
+from .data import redacted_storage_options
 
 RECIPE_NAME = "training_recipe.json"
 PACKAGES = ("torch", "diffusers", "accelerate", "safetensors", "numpy", "diffusers-vae-ext")
@@ -52,23 +54,20 @@ def training_recipe(
     args: argparse.Namespace,
     vae: Any,
     discriminator: Any,
-    data_source: str,
-    num_train_images: int,
-    num_validation_images: int,
+    data: dict[str, Any],
     accelerator: Any,
 ) -> dict[str, Any]:
-    """The recipe as a JSON-able dict (see the module docstring); `step` is added when it is written."""
+    """The recipe as a JSON-able dict (see the module docstring); `step` is added when it is written.
+
+    `data` describes the input (`data.describe_training_data`: never credentials); `--storage_options` is redacted
+    in `arguments` too.
+    """
+    arguments = {**vars(args), "storage_options": redacted_storage_options(getattr(args, "storage_options", None))}
     return {
-        "arguments": {key: value for key, value in vars(args).items()},
+        "arguments": arguments,
         "autoencoder": {"class": type(vae).__name__, "config": json.loads(json.dumps(dict(vae.config), default=str))},
         "discriminator": discriminator_description(discriminator),
-        "data": {
-            "source": data_source,
-            "train_data_dir": args.train_data_dir,
-            "dataset_name": args.dataset_name,
-            "num_train_images": num_train_images,
-            "num_validation_images": num_validation_images,
-        },
+        "data": data,
         "run": {
             "seed": args.seed,
             "num_processes": accelerator.num_processes,
