@@ -8,7 +8,8 @@ Protocol (every number is a default of `measure_diffusability`):
    the mean of a sign-scrambled latent space, `docs/diffusability.md`) is something the denoiser learns and the
    Gaussian reference below ignores, which would make rough latent spaces look easy.
 3. Train the denoiser (`denoiser.build_denoiser`: a small diffusers `UNet2DModel`) with rectified-flow matching:
-   `x_t = (1 - t) x_0 + t eps`, target velocity `v = eps - x_0`, `t ~ U(0, 1)`, MSE, AdamW, fixed steps and batch.
+   `x_t = (1 - t) x_0 + t eps`, target velocity `v = eps - x_0`, `t = sigmoid(N(0, 1))` (logit-normal, as SD3
+   and FLUX train), MSE, AdamW, fixed steps and batch.
    The network predicts a correction to the Gaussian-optimal linear predictor (`predict_velocity`), starting at 0.
 4. On the held-out set, at each t of a fixed grid, with fixed noise: the MSE of the predicted velocity, divided by
    the MSE of the best per-element linear (= Gaussian) predictor at that t, which for standardised data is
@@ -19,7 +20,9 @@ Protocol (every number is a default of `measure_diffusability`):
    `Var(x_t) = (1 - t)^2 + t^2`; the best predictor is `Cov / Var * x_t`). If the latents were i.i.d. Gaussian this
    would be the best any denoiser can do, so they score about 1.0; whatever structure the denoiser learns to use
    (across positions, channels, frames) brings the ratio below 1.
-5. `probe_loss` is the mean of that ratio over the t grid. Lower is easier to diffuse.
+5. `probe_loss` is the mean of that ratio over the t grid, weighted by the logit-normal density the probe trains
+   with (`logit_normal_density`): the middle of the noise range, where a denoiser must use structure, counts most;
+   near t = 0 and t = 1 every latent space scores close to 1. Lower is easier to diffuse.
 
 Raw diffusion losses are not comparable across VAEs: scale, per-channel statistics and how much of the latent is
 predictable from the noise level alone all change the loss without any change in what a generator can learn.
@@ -42,7 +45,13 @@ from .spectrum import LatentSpectrum, latent_spectrum
 
 __all__ = ["DiffusabilityResult", "gaussian_optimum_loss", "measure_diffusability"]
 
-T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+T_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def logit_normal_density(t: float) -> float:
+    """Density of `sigmoid(N(0, 1))` at t: the t-distribution the probe trains with (SD3 / FLUX train the same)."""
+    logit = math.log(t / (1 - t))
+    return math.exp(-0.5 * logit**2) / (t * (1 - t) * math.sqrt(2 * math.pi))
 
 
 def gaussian_optimum_loss(t: float | torch.Tensor) -> float | torch.Tensor:
@@ -70,7 +79,8 @@ class DiffusabilityResult:
     """What `measure_diffusability` measured.
 
     Attributes:
-        probe_loss: held-out flow-matching loss relative to the per-element Gaussian optimum, mean over the t grid.
+        probe_loss: held-out flow-matching loss relative to the per-element Gaussian optimum, mean over the t grid
+            weighted by the logit-normal training density (`t_weights`).
             ~1.0: the denoiser found nothing to use beyond per-element statistics; lower: easier to diffuse.
         high_frequency_energy: share of the per-channel standardised latents' spectral power in the upper half of
             radial frequencies (`spectrum` has the definition); white noise gives `spectrum.high_frequency_area`.
@@ -86,6 +96,7 @@ class DiffusabilityResult:
     probe_loss: float
     high_frequency_energy: float
     t_grid: list[float]
+    t_weights: list[float]
     loss_curve: list[float]
     raw_loss_curve: list[float]
     train_loss_curve: list[list[float]]
@@ -103,6 +114,7 @@ class DiffusabilityResult:
             "high_frequency_energy": self.high_frequency_energy,
             "image_high_frequency_energy": self.spectrum.image_high_frequency_energy,
             "t_grid": self.t_grid,
+            "t_weights": self.t_weights,
             "loss_curve": self.loss_curve,
             "raw_loss_curve": self.raw_loss_curve,
             "train_loss_curve": self.train_loss_curve,
@@ -199,7 +211,7 @@ def measure_diffusability(
         learning_rate: AdamW learning rate (constant after a 10 % linear warm-up).
         held_out: held-out samples, a count or a fraction of N (at least 8 either way).
         min_train: fewest training samples accepted.
-        t_grid: times at which the held-out loss is measured.
+        t_grid: times at which the held-out loss is measured (each in (0, 1)).
         seed: seeds the split, the denoiser's initialisation, the batches, t and noise, the held-out noise and
             the samples: the same seed and inputs give the same numbers (on the same machine and thread count).
         vae: the VAE (model or `AutoencoderAdapter`) whose latents these are; needed to decode samples, and a
@@ -240,7 +252,7 @@ def measure_diffusability(
         for step in tqdm(range(steps), desc="diffusability probe", unit="step", disable=not show_progress):
             index = torch.randint(0, train.shape[0], (batch_size,), generator=generator)
             x0 = train[index]
-            t = torch.rand(batch_size, generator=generator)
+            t = torch.sigmoid(torch.randn(batch_size, generator=generator))  # logit-normal, as SD3 trains
             noise = torch.randn(x0.shape, generator=generator)
             t_b = t.view(-1, *([1] * (x0.ndim - 1)))
             x_t = (1 - t_b) * x0 + t_b * noise
@@ -258,6 +270,8 @@ def measure_diffusability(
     model.eval()
     raw = _held_out_losses(model, test, tuple(t_grid), seed, batch_size=64)
     curve = [loss / gaussian_optimum_loss(t) for loss, t in zip(raw, t_grid)]
+    density = [logit_normal_density(t) for t in t_grid]
+    weights = [d / sum(density) for d in density]
 
     samples = sample_latents = None
     if num_samples and vae is not None:
@@ -279,16 +293,17 @@ def measure_diffusability(
         "t_grid": list(t_grid),
         "seed": seed,
         "standardisation": "per element (mean/std over training samples at each channel and position)",
-        "objective": "rectified flow, v = eps - x0, t ~ U(0, 1)",
+        "objective": "rectified flow, v = eps - x0, t = sigmoid(N(0, 1)); velocity = Gaussian optimum + UNet",
         "denoiser": {"class": "UNet2DModel" + (" per frame + temporal conv" if data.ndim == 5 else ""),
                      **{k: list(v) if isinstance(v, tuple) else v for k, v in DENOISER_CONFIG.items()}},
         "num_samples": 0 if samples is None else num_samples,
         "sample_steps": sample_steps,
     }  # fmt: skip
     return DiffusabilityResult(
-        probe_loss=sum(curve) / len(curve),
+        probe_loss=sum(w * r for w, r in zip(weights, curve)),
         high_frequency_energy=spectrum.high_frequency_energy,
         t_grid=list(t_grid),
+        t_weights=weights,
         loss_curve=curve,
         raw_loss_curve=raw,
         train_loss_curve=train_curve,
