@@ -273,3 +273,28 @@ def test_an_interrupted_probe_keeps_the_rows(tmp_path, face_folder, monkeypatch)
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 41
     summary = json.loads((tmp_path / "summary.json").read_text())  # the reconstruction summary, written before
     assert summary["settings"]["num_images"] == 40 and summary["vaes"][0]["diffusability"] is None
+
+
+def test_eval_sample_fid_with_inception_weights(tmp_path, face_folder, monkeypatch):
+    """The sample FID is the Frechet distance between the features of the evaluated images and of the decoded probe
+    samples. A cheap stand-in for the Inception (pooled pixels) records what it is given, so the value is checked
+    exactly; the Inception itself is tested in test_evaluation.py."""
+    from diffusers_vae_ext.evaluation import inception as inception_module
+    from diffusers_vae_ext.evaluation.fid import frechet_distance_of_features
+
+    calls = []
+
+    def features(images):
+        calls.append(images.clone())
+        return F.adaptive_avg_pool2d(images, 2).flatten(1)  # 12 features
+
+    monkeypatch.setattr(inception_module, "load_inception", lambda weights: features)
+    result = evaluate([EvalVAE("a", as_autoencoder(make_vae(0)))], tmp_path, train_data_dir=face_folder,
+                      resolution=32, num_images=24, batch_size=8, inception_weights="stand-in", diffusability=True,
+                      probe_steps=2, probe_samples=5, show_progress=False)  # fmt: skip
+    record = result.vaes[0].diffusability
+    originals, samples = torch.cat(calls[0:6:2]), calls[-1]  # per batch: originals, then reconstructions
+    assert originals.shape == (24, 3, 32, 32) and samples.shape == (5, 3, 32, 32)
+    expected = frechet_distance_of_features(features(originals).double().numpy(), features(samples).double().numpy())
+    assert record["sample_fid_count"] == 5 and record["sample_fid"] == pytest.approx(expected, rel=1e-9)
+    assert "(n=5)" in write_report(result)["markdown"].read_text()
