@@ -23,6 +23,7 @@ multiplied by the fixed +-1 mask, the decoder divides it out), and renders repor
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 import torch
@@ -132,7 +133,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     options = {} if args.steps is None else {"steps": args.steps}
     print(f"CPU: {cpu_model()} | torch {torch.__version__} | capability {torch.backends.cpu.get_cpu_capability()} "
-          f"| threads {torch.get_num_threads()}")  # fmt: skip
+          f"| threads {torch.get_num_threads()} | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
 
     if not args.skip_timing:
         print("\n| latents | probe steps | seconds (train) | seconds (total) |\n|---|---|---|---|")
