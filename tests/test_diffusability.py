@@ -139,6 +139,7 @@ def three_cases(photo_latents):
     return results
 
 
+@pytest.mark.slow  # the three probes: ~1 min each on a busy CPU
 def test_sign_scramble_scores_clearly_worse(three_cases):
     original, scrambled = three_cases["original"], three_cases["scrambled"]
     assert original.probe_loss < 0.9  # the probe found structure in real latents
@@ -146,11 +147,13 @@ def test_sign_scramble_scores_clearly_worse(three_cases):
     assert scrambled.high_frequency_energy > original.high_frequency_energy + 0.2
 
 
+@pytest.mark.slow  # the three probes: ~1 min each on a busy CPU
 def test_channel_rotation_changes_little(three_cases):
     original, rotated = three_cases["original"], three_cases["rotated"]
     assert abs(rotated.probe_loss / original.probe_loss - 1) < 0.10
 
 
+@pytest.mark.slow  # the three probes: ~1 min each on a busy CPU
 def test_gaussian_noise_scores_one(three_cases):
     gaussian = three_cases["gaussian"]
     assert gaussian.probe_loss == pytest.approx(1.0, abs=0.1)
