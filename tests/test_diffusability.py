@@ -218,11 +218,16 @@ def test_a_latent_cache_as_input(tmp_path, face_folder):
     from_tensor = measure_diffusability(expected, steps=3)
     from_dataset = measure_diffusability(dataset, steps=3, vae=vae, num_samples=2, sample_steps=2)
     from_path = measure_diffusability(str(tmp_path / "cache"), steps=3)
+    # A URL is streamed (LatentCacheIterableDataset); fsspec's in-memory file system stands in for object storage.
+    fsspec = pytest.importorskip("fsspec", reason="cache URLs need fsspec (the [scale] extra)")
+    fsspec.filesystem("memory").put(str(tmp_path / "cache"), "/diffusability-cache", recursive=True)
+    from_url = measure_diffusability("memory://diffusability-cache", steps=3, vae=vae)
     # Raw (unscaled) latents, posterior draws as training reads them in epoch 0: the same numbers as the tensor.
-    assert from_dataset.loss_curve == from_tensor.loss_curve == from_path.loss_curve
+    assert from_dataset.loss_curve == from_tensor.loss_curve == from_path.loss_curve == from_url.loss_curve
     assert from_dataset.samples.shape == (2, 3, 32, 32) and from_dataset.settings["source"].endswith("cache")
-    with pytest.raises(ValueError, match="made by another VAE"):
-        measure_diffusability(dataset, steps=1, vae=make_vae(1), num_samples=2)
+    for source in (dataset, "memory://diffusability-cache"):
+        with pytest.raises(ValueError, match="made by another VAE"):
+            measure_diffusability(source, steps=1, vae=make_vae(1), num_samples=2)
 
 
 # ------------------------------------------------------------------------------------------------------ eval
