@@ -31,6 +31,9 @@ def plot_spectra(results: Mapping[str, DiffusabilityResult], path: str | os.Path
             axis.loglog(spectrum.frequencies, spectrum.image_power, color=color, linestyle="--",
                         label=f"{label} images (HF {spectrum.image_high_frequency_energy:.3f})")  # fmt: skip
     axis.axvline(0.25, color="0.6", linewidth=0.8)
+    from matplotlib.ticker import NullFormatter
+
+    axis.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap on a short range
     axis.set_xlabel("radial frequency (cycles / latent pixel); high-frequency half right of the line")
     axis.set_ylabel("power per coefficient (standardised)")
     axis.set_title("Spectrum: latents vs images at latent resolution")
