@@ -343,3 +343,15 @@ def announce_path(device: str | torch.device | None = None, dtype: torch.dtype |
     if path.cpu is not None and not _native_on_cpu(path.cpu, dtype):
         note = f" (note: {dtype_name(dtype)} is emulated on this CPU and slower than float32)"
     print(f"diffusers-vae: running {dtype_name(dtype)} on {describe_path(path)}{note}", file=stream or sys.stderr)
+
+
+def distributed_state():
+    """accelerate's `PartialState` for this process, CPU runs of several processes included.
+
+    `accelerate launch --multi_gpu` with `ACCELERATE_USE_CPU=true` (how several CPU processes are started) needs
+    `cpu=True` here too, or each process sets itself up as a world of one and repeats the whole job.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

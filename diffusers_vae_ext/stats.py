@@ -36,6 +36,7 @@ from .data import (
     resize_and_crop,
     to_model_channels,
 )
+from .hardware import distributed_state
 from .optional import require, require_filesystem
 from .scaling import LatentStatistics, posterior_seed
 from .video import ClipOptions, VideoError, clips_from_file, has_videos, list_videos, load_clip
@@ -203,13 +204,13 @@ def compute_latent_statistics(
     Returns the merged statistics (on every rank) and the skipped `(path, reason)` pairs of all ranks. Raises
     `ValueError` when there is nothing to measure (empty folder, no readable image, no usable clip).
     """
-    from accelerate import PartialState
-    from accelerate.utils import gather_object, parse_flag_from_env
+
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     if (train_data_dir is None) == (cache_dir is None):
         raise ValueError("Give exactly one of --train_data_dir (images or videos) or --cache_dir (a latent cache).")
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = distributed_state()
     rank, world = state.process_index, state.num_processes
     skipped_here: list[tuple[str, str]] = []
     if cache_dir is not None:
@@ -285,10 +286,10 @@ def compute_latent_statistics(
 
 
 def _cache_statistics(vae, subfolder, cache_dir, num_images, sample_posterior, seed, show_progress):
-    from accelerate import PartialState
+
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    state = distributed_state()
     config = _current_config(str(vae), subfolder)
     dataset = LatentCacheDataset(cache_dir, sample_posterior=sample_posterior, seed=seed, scale=False)
     selected = _select(len(dataset), num_images, seed)
@@ -372,7 +373,6 @@ def run_stats(
     class (for AutoencoderKL: its config) already use; classes whose pipelines fix it refuse another. Returns the
     JSON record (on every rank).
     """
-    from accelerate import PartialState
 
     # Optional packages first: the install hint before a config or a model is read.
     if train_data_dir is not None:
@@ -426,7 +426,7 @@ def run_stats(
         resolution=resolution if train_data_dir is not None else None,
         unit="clip" if _counts_clips(train_data_dir, cache_dir, image_sequences) else "image",
     )
-    state = PartialState()
+    state = distributed_state()
     if state.is_main_process:
         if convention != current_convention:
             keys = ", ".join(k for k, v in config_updates.items() if v is not None)

@@ -64,3 +64,18 @@ def photos64() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def sample_images() -> dict[str, Image.Image]:
     return sample_photos()
+
+
+def cpu_launch(num_processes: int = 2, port: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` argv prefix and env for `num_processes` real CPU processes.
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate >= 1.x starts several CPU processes
+    only through mpirun); `--multi_gpu` with ACCELERATE_USE_CPU starts them through torchrun, on gloo.
+    """
+    import sys
+
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
+    argv += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if port is not None:
+        argv += ["--main_process_port", str(port)]
+    return argv, {"ACCELERATE_USE_CPU": "true"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import diffusers_twin, make_vae
+from conftest import cpu_launch, diffusers_twin, make_vae
 from PIL import Image
 from safetensors import safe_open
 
@@ -357,13 +357,11 @@ def test_two_processes_equal_one_then_other_vae_refused_and_overwrite_rebuilds(
     workdir, vae_dir, photo_folder, reference_cache, capsys
 ):
     out = workdir / "two_processes"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu"]
-    command += ["--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    command, launch_env = cpu_launch(2, port=_free_port())
     command += [str(REPO / "scripts/precompute_latents.py"), "--vae", str(vae_dir)]
     command += ["--train_data_dir", str(photo_folder[0]), "--output_dir", str(out), "--resolution", "64", "--flip"]
     command += ["--batch_size", "2", "--shard_size", "2", "--dataloader_num_workers", "0"]
-    done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env={**child_env(), **launch_env}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("cached 20 samples") == 1  # one summary, from the main process
     # The plan is global, so even the shard files are the same as a single process writes.

@@ -6,12 +6,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_vae
+from conftest import cpu_launch, make_vae
 from PIL import Image
 
 from diffusers_vae_ext import stats as stats_module
@@ -396,14 +395,12 @@ def test_two_processes_equal_one_process(stats_folders, tmp_path, capsys):
     config_copy.mkdir()
     for file in vae.iterdir():
         (config_copy / file.name).write_bytes(file.read_bytes())
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port())]
+    launch, launch_env = cpu_launch(2, port=free_port())
     double = subprocess.run(
         [*launch, str(SCRIPT), *args, "--vae", str(config_copy), "--write_config"],
         capture_output=True,
         text=True,
-        env=subprocess_env(),
+        env={**subprocess_env(), **launch_env},
         timeout=300,
     )
     assert double.returncode == 0, double.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_launch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
@@ -289,16 +290,17 @@ def test_unknown_model_config_and_bad_resolution_fail_clearly(tmp_path, tiny_con
 @pytest.mark.slow
 def test_two_process_accelerate_launch_runs_end_to_end(tmp_path, tiny_config, photo_dir):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launch, launch_env = cpu_launch(2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **launch_env}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "finetune_vae.py"),
+        [*launch, str(REPO / "scripts" / "finetune_vae.py"),
          "--model_config", str(tiny_config), "--train_data_dir", str(photo_dir), "--output_dir", str(out),
          "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
          "--disc_start", "1", "--use_ema", "--report_to", "none", "--no_progress"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout  # really two
     assert [row["step"] for row in read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4]
     assert (out / "checkpoint-4" / "model_1.safetensors").is_file()  # the discriminator
     AutoencoderKL.from_pretrained(out)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from ..autoencoders import AutoencoderAdapter, as_autoencoder, load_autoencoder
+from ..hardware import distributed_state
 from ..optional import require, require_filesystem
 from ..video import ClipOptions
 from .context import UnitContext
@@ -185,7 +186,6 @@ def precompute_latents(
 
     Returns a `CacheSummary` (its `str` is the summary line printed at the end).
     """
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     from ..modeling import weights_fingerprint
@@ -193,7 +193,7 @@ def precompute_latents(
     start_time = time.perf_counter()
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
-    state = PartialState()
+    state = distributed_state()
     main = state.is_main_process
     if engine == "ray" and state.num_processes > 1:
         raise ValueError("--engine ray runs from one driver process: start it with python, not accelerate launch.")
