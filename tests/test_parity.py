@@ -92,3 +92,21 @@ def test_every_float32_group_norm_takes_two_pass_statistics(models, monkeypatch)
         vae(photo_batch(64, ("chelsea",)))
     assert len(calls) == norms and not kernel_calls
     assert min(shape[-1] for shape in calls) == 64 // 8  # the smallest planes (8x8) too
+
+
+def test_parity_holds_without_onednn_and_on_one_thread(models, monkeypatch):
+    # A CPU (or build) without oneDNN's kernels runs the same path on F.conv2d, and one thread makes the per-thread
+    # sums of a one-pass GroupNorm twice as long: the statistics must not depend on either.
+    vae, twin, exact = models
+    monkeypatch.setattr(blocks, "_onednn_dtypes", lambda: ())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images = photo_batch(256, ("rocket",))
+        with torch.no_grad():
+            ours = vae.decode(vae.encode(images).latent_dist.mean).sample
+            theirs = twin.decode(twin.encode(images).latent_dist.mean).sample
+            truth = exact.decode(exact.encode(images.double()).latent_dist.mean).sample
+    finally:
+        torch.set_num_threads(previous)
+    check_parity(ours, theirs, truth)
