@@ -1,37 +1,39 @@
-"""Model speed and bf16 quality: `diffusers_vae_ext.AutoencoderKL` against diffusers' AutoencoderKL, one table.
+"""Model speed: `diffusers_vae_ext.AutoencoderKL` against diffusers and OpenVINO, one table, CPU named first.
 
 Every model is the Stable Diffusion kl-f8 architecture (block_out_channels 128/256/512/512, four levels,
-layers_per_block 2, latent_channels 4) with the same seeded random weights: ours (fp32 and a bf16 copy), diffusers'
-default (contiguous) and diffusers with model and input in channels_last (the one-line change any user can make:
-the fairer peer). Inputs are real photos (scikit-image's astronaut first), centre-cropped to each size. After a
-warm-up call of each, the models alternate for `--rounds` rounds in this one process (the order flips every
-round) under `torch.inference_mode()`; each time is the best of the rounds and every ratio is taken between
-times measured side by side. The table rows:
+layers_per_block 2, latent_channels 4) with the same seeded random weights. The variants of each row:
 
-- ours fp32 / diffusers fp32 channels_last, encode and decode per size (goal <= 0.8), with the max abs difference
-  of the outputs from diffusers' (goal <= 1e-4); ours / diffusers' default layout for context;
-- ours bf16 (the model cast with `.to(torch.bfloat16)`, bf16 input) / diffusers fp32, encode + decode (goal
-  <= 0.35 on a CPU with AMX);
-- bf16 round trip vs fp32 round trip, PSNR on the photos (goal >= 40 dB), and the same for images decoded (in
-  fp32) from posterior draws of bf16 vs fp32 moments with the same noise (what a bf16 latent cache gives);
-  on the random-weight kl-f8 and, when `--demo_vae` (default runs/demo, README command 1's output) exists, on that
-  trained VAE;
-- decode GFLOP/s, counting the FLOPs our path executes (`FlopCounterMode` on our decode, attention and the oneDNN
-  convolutions included), divided by the best GFLOP/s of a 2048x2048 matmul in the same dtype, timed in the same
-  rounds as the model calls (goal >= 0.85);
-- `precompute_latents(..., dtype="bf16")` images/s / fp32 images/s at 256 px (goal >= 2.5 on a CPU with AMX);
-- training s/step of scripts/finetune_vae.py, default (`--mixed_precision auto`: bf16 autocast where bf16 is
-  native) / `--mixed_precision no` (goal <= 0.5 on AMX); `--train demo` runs README command 1 in full both ways
-  and adds the held-out PSNR difference (goal within 0.3 dB).
+- **ours**: `diffusers_vae_ext.AutoencoderKL` (bf16: the model cast with `.to(torch.bfloat16)`, bf16 input);
+- **diffusers**: diffusers' AutoencoderKL, default (contiguous) layout, and **diffusers cl**: model and input in
+  `channels_last` (the one-line change any user can make, the fairer peer);
+- **OpenVINO**: diffusers' encoder (+ quant_conv) or decoder (+ post_quant_conv) converted in memory with
+  `openvino.convert_model` at the row's fixed input shape, compiled for "CPU" with `INFERENCE_PRECISION_HINT` f32 or
+  bf16 (what a person running SD on an Intel CPU picks instead). Skipped, with the reason, when `openvino` is not
+  installed (`pip install "diffusers-vae-ext[bench]"`).
 
-The header names the CPU, torch's CPU capability and the path `diffusers_vae_ext.hardware` chooses; the load
-average before and after says how busy the machine was. On a shared machine timings are noisy: compare ratios,
-not seconds, and re-run on a quiet machine before quoting numbers.
+Rows: encode and decode, fp32 and bf16, each `--sizes` x `--batches`. After a warm-up call of each, every variant of
+one (size, batch) runs once per round, in an order that flips every round, for `--rounds` rounds in this one process,
+together with the chip's own peaks: a 512-channel 3x3 convolution at 64x64 (channels_last, oneDNN on packed weights;
+the best of that and `F.conv2d`) and a 4096x4096 matmul, in fp32 and bf16. Times are medians over the rounds, and
+every ratio is between medians measured side by side. Columns:
 
-    python benchmarks/bench_model.py                                   # everything, 256 and 512 px
-    python benchmarks/bench_model.py --sizes 256 --skip cache train    # model rows only
-    python benchmarks/bench_model.py --train demo                      # + two full README command 1 runs
-    python benchmarks/bench_model.py --device cuda --sizes 512 1024    # on a GPU (fp32 vs bf16 there)
+- milliseconds per call of each variant; ours / diffusers cl and ours / OpenVINO (lower is better);
+- the achieved fraction of the same run's convolution peak in that dtype, counting the FLOPs each path executes
+  (`FlopCounterMode`; ours counts its sub-pixel upsampling convolutions, 16/36 of diffusers' there; OpenVINO runs
+  diffusers' graph, so its FLOPs are diffusers');
+- max abs difference from diffusers' default float32 output (fp32 rows: the README promises <= 1e-4);
+- peak RSS of a fresh process that builds the model and runs the call twice (`VmHWM`, the high-water
+  mark; OpenVINO's child reads the converted model from an IR file, so its conversion does not count). By default
+  for decode rows only (`--rss all` for encode too, `--rss none` to skip).
+
+The header names the CPU, its flags (AMX, AVX512-BF16, AVX512, AVX2), torch's CPU capability, the path
+`diffusers_vae_ext.hardware` chooses and the load average. On a shared machine compare ratios, not seconds.
+
+    python benchmarks/bench_model.py                       # quick: 256 px, batch 1 (a few minutes on 2 cores)
+    python benchmarks/bench_model.py --full                # 256 and 512 px, batch 1 and 4
+    python benchmarks/bench_model.py --sizes 512 1024 --batches 1 --rss decode --no-openvino
+    python benchmarks/bench_model.py --extras quality cache train   # + the bf16 quality, cache and training rows
+    python benchmarks/bench_model.py --device cuda --sizes 512 1024  # on a GPU (no OpenVINO, no RSS there)
 """
 
 from __future__ import annotations
@@ -39,22 +41,28 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import os
+import resource
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from diffusers_vae_ext import AutoencoderKL  # noqa: E402
+from diffusers_vae_ext import AutoencoderKL, blocks  # noqa: E402
 from diffusers_vae_ext.data import (  # noqa: E402
     SAMPLE_PHOTO_NAMES,
     pil_to_tensor,
@@ -62,7 +70,7 @@ from diffusers_vae_ext.data import (  # noqa: E402
     sample_photos,
     tensor_to_pil,
 )
-from diffusers_vae_ext.hardware import choose_path, configure_backends, describe_path  # noqa: E402
+from diffusers_vae_ext.hardware import choose_path, configure_backends, cpu_info, describe_path  # noqa: E402
 from diffusers_vae_ext.metrics import psnr  # noqa: E402
 
 KL_F8_CONFIG = dict(
@@ -117,15 +125,6 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, 
     return time.perf_counter() - start, out
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of an n x n matmul in `dtype`: the chip's practical peak for that dtype in this run."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    best = min(timed(lambda: a @ b, device)[0] for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -177,82 +176,301 @@ class Table:
             print("| " + " | ".join(row) + " |")
 
 
-# ------------------------------------------------------------------------------------------------ sections
-def speed_rows(args, device: torch.device, table: Table, peaks: dict, size: int) -> None:
+# ------------------------------------------------------------------------------------------------ peers
+class _EncodeGraph(nn.Module):
+    """diffusers' encoder + quant_conv as one module: the graph OpenVINO converts."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+
+class _DecodeGraph(nn.Module):
+    """diffusers' post_quant_conv + decoder as one module."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+def openvino_missing() -> str | None:
+    """Why the OpenVINO column is empty, or None when it can run."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return 'openvino not installed (pip install "diffusers-vae-ext[bench]")'
+    return None
+
+
+def openvino_model(vae: nn.Module, op: str, example: torch.Tensor):
+    """diffusers' encode or decode graph converted in memory by `openvino.convert_model`, at a fixed input shape."""
+    import openvino as ov
+
+    graph = (_EncodeGraph if op == "encode" else _DecodeGraph)(vae).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on diffusers' shape asserts
+        return ov.convert_model(graph, example_input=example, input=[tuple(example.shape)])
+
+
+def openvino_compile(model, dtype: torch.dtype):
+    import openvino as ov
+
+    hint = {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype]
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    return ov.Core().compile_model(model, "CPU", config)
+
+
+def openvino_call(compiled, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    array = x.float().contiguous().numpy()
+    return lambda: torch.from_numpy(compiled(array)[0])
+
+
+# ------------------------------------------------------------------------------------------------ peaks
+def peak_calls(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> dict:
+    """{(kind, dtype): (call, FLOPs)}: a 512-ch 3x3 conv at 64x64 (ours on packed weights, and F.conv2d) and a
+    4096^2 matmul. Timed in the same rounds as the models, so they see the same load."""
+    calls = {}
+    for dtype in dtypes:
+        conv = nn.Conv2d(512, 512, 3, padding=1).to(device, dtype)
+        for param in conv.parameters():
+            param.requires_grad_(False)
+        x = torch.randn(1, 512, 64, 64, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        conv_flops = 2 * 512 * 512 * 9 * 64 * 64
+        calls["conv packed", dtype] = ((lambda c=conv, x=x: blocks.conv2d(c, x)), conv_flops)
+        calls["conv F.conv2d", dtype] = ((lambda c=conv, x=x: c(x)), conv_flops)
+        a, b = (torch.randn(4096, 4096, device=device).to(dtype) for _ in range(2))
+        calls["matmul", dtype] = ((lambda a=a, b=b: a @ b), 2 * 4096**3)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------ peak RSS
+def rss_child(spec: dict) -> None:
+    """In a fresh process: build one variant, run its call twice, print the peak RSS (MiB) as JSON."""
+    dtype = DTYPES[spec["dtype"]]
+    shape = spec["shape"]
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    if spec["variant"] == "OpenVINO":
+        import openvino as ov
+
+        compiled = openvino_compile(ov.Core().read_model(spec["ir"]), dtype)
+        call = openvino_call(compiled, x)
+    else:
+        cls = AutoencoderKL if spec["variant"] == "ours" else DiffusersAutoencoderKL
+        torch.manual_seed(spec["seed"])
+        model = cls(**KL_F8_CONFIG).eval()
+        if dtype != torch.float32:
+            for param in model.parameters():
+                param.data = param.data.to(dtype)
+        x = x.to(dtype)
+        if spec["variant"] == "diffusers cl":
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        if spec["op"] == "encode":
+            call = lambda: model.encode(x).latent_dist.parameters  # noqa: E731
+        else:
+            call = lambda: model.decode(x).sample  # noqa: E731
+    with torch.inference_mode():
+        call()
+        call()
+    print(json.dumps({"peak_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set: /proc's VmHWM (per address space, so a fresh exec starts from zero; the
+    `getrusage` high-water mark survives exec and would report the parent's peak), else `ru_maxrss`."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_rss(spec: dict, threads: int) -> float | None:
+    env = {**os.environ, "DIFFUSERS_VAE_EXT_QUIET": "1", "OMP_NUM_THREADS": str(threads)}
+    result = subprocess.run(
+        [sys.executable, __file__, "--rss_child", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)["peak_mib"]
+    print(f"peak RSS of {spec} failed: {result.stderr[-500:]}", file=sys.stderr)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the matrix
+VARIANTS = ("ours", "diffusers", "diffusers cl", "OpenVINO")
+
+
+def matrix_rows(args, device: torch.device, size: int, batch: int, dtypes: tuple[torch.dtype, ...]) -> list[dict]:
+    """Time every variant of every (op, dtype) at one size and batch, interleaved; return one dict per row."""
     ours, theirs = build_models(args.seed, device, torch.float32)
     if device.type != "cpu":
         ours, theirs = ours.to(device), theirs.to(device)
-    theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
-    low = torch.bfloat16 if device.type == "cpu" else choose_path(device).dtype
-    ours_low = half_copy(ours, low)
-    images = photo_batch(size, args.batch).to(device)
-    images_cl = images.contiguous(memory_format=torch.channels_last)
+    models = {}
+    for dtype in dtypes:
+        ours_d = ours if dtype == torch.float32 else half_copy(ours, dtype)
+        theirs_d = theirs if dtype == torch.float32 else half_copy(theirs, dtype)
+        models["ours", dtype] = (ours_d, False)
+        models["diffusers", dtype] = (theirs_d, False)
+        models["diffusers cl", dtype] = (copy.deepcopy(theirs_d).to(memory_format=torch.channels_last), True)
+    images = photo_batch(size, batch).to(device)
     with torch.inference_mode():
         latents = theirs.encode(images).latent_dist.mean
-        latents_cl = latents.contiguous(memory_format=torch.channels_last)
-        matmul = {dtype: [torch.randn(2048, 2048, device=device).to(dtype) for _ in range(2)] for dtype in peaks}
-        calls = {
-            ("matmul", torch.float32): lambda: torch.mm(*matmul[torch.float32]),
-            ("matmul", low): lambda: torch.mm(*matmul[low]),
-            ("encode", "ours"): lambda: ours.encode(images).latent_dist.parameters,
-            ("encode", "diffusers"): lambda: theirs.encode(images).latent_dist.parameters,
-            ("encode", "diffusers_cl"): lambda: theirs_cl.encode(images_cl).latent_dist.parameters,
-            ("encode", "ours_low"): lambda: ours_low.encode(images.to(low)).latent_dist.parameters,
-            ("decode", "ours"): lambda: ours.decode(latents).sample,
-            ("decode", "diffusers"): lambda: theirs.decode(latents).sample,
-            ("decode", "diffusers_cl"): lambda: theirs_cl.decode(latents_cl).sample,
-            ("decode", "ours_low"): lambda: ours_low.decode(latents.to(low)).sample,
-        }
-        for fn in calls.values():  # warm-up: oneDNN/cuDNN pick and build their kernels on the first call
+    inputs = {"encode": images, "decode": latents}
+    calls: dict = {}
+    for (name, dtype), (model, channels_last) in models.items():
+        for op, x in inputs.items():
+            x = x.to(dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if op == "encode":
+                calls[op, dtype, name] = lambda m=model, x=x: m.encode(x).latent_dist.parameters
+            else:
+                calls[op, dtype, name] = lambda m=model, x=x: m.decode(x).sample
+    skipped = openvino_missing() if device.type == "cpu" and not args.no_openvino else "not run (--no-openvino)"
+    if device.type != "cpu":
+        skipped = "CPU only"
+    ov_models = {}
+    if skipped is None:
+        for op, x in inputs.items():
+            ov_models[op] = openvino_model(theirs, op, x)
+            for dtype in dtypes:
+                calls[op, dtype, "OpenVINO"] = openvino_call(openvino_compile(ov_models[op], dtype), x)
+    peaks = peak_calls(device, dtypes)
+    for key, (fn, _) in peaks.items():
+        calls[key] = fn
+    times: dict = {key: [] for key in calls}
+    outputs: dict = {}
+    with torch.inference_mode():
+        for fn in calls.values():  # warm-up: oneDNN/OpenVINO pick and build their kernels on the first call
             fn()
-        best = dict.fromkeys(calls, float("inf"))
-        outputs = {}
         keys = list(calls)
         for round_index in range(args.rounds):
             for key in keys if round_index % 2 == 0 else keys[::-1]:
                 seconds, outputs[key] = timed(calls[key], device)
-                best[key] = min(best[key], seconds)
-        flops = {name: counted_flops(calls["decode", name]) for name in ("ours", "ours_low")}
-    # The matmul peaks of this section's own rounds, taken between the model calls (the load changes over a run).
-    peaks = {dtype: max(peaks[dtype], 2 * 2048**3 / best["matmul", dtype] / 1e9) for dtype in peaks}
+                times[key].append(seconds)
+        flops = {}
+        for op in inputs:
+            flops[op, "ours"] = counted_flops(calls[op, torch.float32, "ours"])
+            flops[op, "diffusers"] = counted_flops(calls[op, torch.float32, "diffusers"])
+    median = {key: statistics.median(values) for key, values in times.items()}
+    conv_peak = {
+        dtype: max(
+            flop / median[kind, dtype] for (kind, d), (_, flop) in peaks.items() if d == dtype and "conv" in kind
+        )
+        for dtype in dtypes
+    }
+    matmul_peak = {dtype: peaks["matmul", dtype][1] / median["matmul", dtype] for dtype in dtypes}
+    rows = []
+    for op in inputs:
+        reference = outputs[op, torch.float32, "diffusers"]
+        for dtype in dtypes:
+            row = dict(op=op, size=size, batch=batch, dtype=dtype, ms={}, diff={}, peak_fraction={}, rss={})
+            row["conv_peak"], row["matmul_peak"] = conv_peak[dtype], matmul_peak[dtype]
+            row["openvino_skipped"] = skipped
+            for name in VARIANTS:
+                if (op, dtype, name) not in median:
+                    continue
+                row["ms"][name] = 1e3 * median[op, dtype, name]
+                row["diff"][name] = max_diff(outputs[op, dtype, name], reference)
+                executed = flops[op, "ours" if name == "ours" else "diffusers"]
+                row["peak_fraction"][name] = executed / median[op, dtype, name] / conv_peak[dtype]
+            if args.rss == "all" or (args.rss == "decode" and op == "decode"):
+                if device.type == "cpu":
+                    shape = tuple(inputs[op].shape)
+                    for name in row["ms"]:
+                        spec = dict(variant=name, op=op, dtype=str(dtype).removeprefix("torch."), shape=shape)
+                        spec["seed"] = args.seed
+                        if name == "OpenVINO":
+                            import openvino as ov
 
-    low_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[low]
-    for op in ("encode", "decode"):
-        diff = max_diff(outputs[op, "ours"], outputs[op, "diffusers"])
-        ratio = best[op, "ours"] / best[op, "diffusers_cl"]
-        table.add(
-            f"{op} {size} px: ours fp32 / diffusers fp32 channels_last",
-            f"{ratio:.2f} ({best[op, 'ours']:.3f} s / {best[op, 'diffusers_cl']:.3f} s); max abs diff {diff:.1e}",
-            "<= 0.8, diff <= 1e-4",
-            ratio <= 0.8 and diff <= 1e-4,
-        )
-        table.add(
-            f"{op} {size} px: ours fp32 / diffusers fp32 default layout",
-            f"{best[op, 'ours'] / best[op, 'diffusers']:.2f} (diffusers {best[op, 'diffusers']:.3f} s)",
-        )
-    round_trip = {name: best["encode", name] + best["decode", name] for name in ("ours", "ours_low", "diffusers")}
-    ratio = round_trip["ours_low"] / round_trip["diffusers"]
-    amx = getattr(choose_path(device).cpu, "amx_bf16", False)
-    table.add(
-        f"encode+decode {size} px: ours {low_name} / diffusers fp32",
-        f"{ratio:.2f} ({round_trip['ours_low']:.3f} s / {round_trip['diffusers']:.3f} s); "
-        f"ours {low_name} / ours fp32 {round_trip['ours_low'] / round_trip['ours']:.2f}",
-        "<= 0.35 on an AMX CPU",
-        ratio <= 0.35 if (amx or device.type != "cpu") else None,
-        note="" if (amx or device.type != "cpu") else "no AMX here: not measurable",
+                            spec["ir"] = str(Path(args.workdir, f"{op}_{size}_{batch}.xml"))
+                            if not Path(spec["ir"]).exists():
+                                ov.save_model(ov_models[op], spec["ir"], compress_to_fp16=False)
+                        row["rss"][name] = measure_rss(spec, args.threads)
+            rows.append(row)
+    return rows
+
+
+def print_matrix(rows: list[dict]) -> None:
+    def ms(row, name):
+        return f"{row['ms'][name]:.0f}" if name in row["ms"] else "-"
+
+    def ratio(row, name):
+        return f"{row['ms']['ours'] / row['ms'][name]:.2f}" if name in row["ms"] else "-"
+
+    def fraction(row, name):
+        return f"{100 * row['peak_fraction'][name]:.0f}%" if name in row["peak_fraction"] else "-"
+
+    def rss(row):
+        if not row["rss"]:
+            return "-"
+        return " / ".join(f"{row['rss'][n]:.0f}" if row["rss"].get(n) else "-" for n in VARIANTS if n in row["ms"])
+
+    print(
+        "| op | px | batch | dtype | ours ms | diffusers ms | diffusers cl ms | OpenVINO ms | ours / diffusers cl "
+        "| ours / OpenVINO | % of conv peak: ours / diffusers cl / OpenVINO | max abs diff vs diffusers fp32: ours / "
+        "OpenVINO | peak RSS MiB: " + " / ".join(n for n in VARIANTS if n in rows[0]["ms"]) + " |"
     )
-    for name, dtype, label in (("ours", torch.float32, "fp32"), ("ours_low", low, low_name)):
-        gflops = flops[name] / best["decode", name] / 1e9
-        ratio = gflops / peaks[dtype]
-        table.add(
-            f"decode {size} px {label}: GFLOP/s of our path / matmul GFLOP/s",
-            f"{ratio:.2f} ({flops[name] / 1e9:.0f} GFLOP in {best['decode', name]:.3f} s = {gflops:.0f} GFLOP/s; "
-            f"matmul {peaks[dtype]:.0f})",
-            ">= 0.85",
-            ratio >= 0.85,
+    print("|---" * 13 + "|")
+    for row in rows:
+        diff = f"{row['diff']['ours']:.1e} / " + (
+            f"{row['diff']['OpenVINO']:.1e}" if "OpenVINO" in row["diff"] else "-"
         )
+        fractions = " / ".join(fraction(row, name) for name in ("ours", "diffusers cl", "OpenVINO"))
+        cells = [
+            row["op"], str(row["size"]), str(row["batch"]), {torch.float32: "fp32"}.get(row["dtype"], "bf16"),
+            ms(row, "ours"), ms(row, "diffusers"), ms(row, "diffusers cl"), ms(row, "OpenVINO"),
+            ratio(row, "diffusers cl"), ratio(row, "OpenVINO"), fractions, diff, rss(row),
+        ]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    peaks = {}
+    for row in rows:
+        peaks.setdefault(row["dtype"], []).append((row["conv_peak"], row["matmul_peak"]))
+    for dtype, values in peaks.items():
+        conv = ", ".join(f"{c / 1e9:.0f}" for c, _ in values)
+        matmul = ", ".join(f"{m / 1e9:.0f}" for _, m in values)
+        name = str(dtype).removeprefix("torch.")
+        print(f"\n{name} peaks in each row's rounds, GFLOP/s: 512-ch 3x3 conv at 64x64 {conv}; 4096^2 matmul {matmul}")
+    skipped = rows[0]["openvino_skipped"]
+    if skipped:
+        print(f"OpenVINO column: skipped, {skipped}")
 
 
+def print_header(args, device: torch.device) -> None:
+    cpu = cpu_info()
+    flags = ", ".join(
+        f"{name} {'yes' if present else 'no'}"
+        for name, present in (
+            ("AMX-BF16", cpu.amx_bf16),
+            ("AVX512-BF16", cpu.avx512_bf16),
+            ("AVX512", cpu.avx512),
+            ("AVX2", cpu.avx2),
+        )
+    )
+    print(f"CPU: {cpu.model}; {flags}; torch capability {cpu.capability}; {args.threads} threads")
+    versions = f"torch {torch.__version__}"
+    try:
+        import openvino
+
+        versions += f", openvino {openvino.__version__}"
+    except ImportError:
+        pass
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {versions}")
+    print(f"path: {describe_path(choose_path(device))}")
+
+
+# ------------------------------------------------------------------------------------------------ extra sections
 def quality_rows(args, device: torch.device, table: Table, vae: AutoencoderKL, label: str, size: int) -> None:
     """bf16 vs fp32 round trips on the photos, and decodes of posterior draws from bf16 vs fp32 moments."""
     vae = vae.to(device).eval()
@@ -371,12 +589,19 @@ def train_rows(args, table: Table) -> None:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides (multiples of 8)")
-    parser.add_argument("--batch", type=int, default=1, help="images per timed call")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (best is reported)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256], help="image sides (multiples of 8)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1], help="images per call")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    parser.add_argument("--full", action="store_true", help="the whole matrix: 256 and 512 px, batch 1 and 4")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--rss", choices=("decode", "all", "none"), default="decode", help="peak RSS rows")
+    parser.add_argument("--no-openvino", dest="no_openvino", action="store_true", help="leave OpenVINO out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--extras", nargs="*", default=[], choices=("quality", "cache", "train"), help="extra sections, own table"
+    )
     parser.add_argument("--quality_size", type=int, default=256, help="photo size of the bf16 quality rows")
     parser.add_argument("--demo_vae", default=str(REPO / "runs" / "demo"), help="a trained VAE folder, if present")
     parser.add_argument("--cache_images", type=int, default=16)
@@ -384,46 +609,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=4, help="cache batch size")
     parser.add_argument("--train", choices=("steps", "demo"), default="steps", help="short runs, or full demos")
     parser.add_argument("--train_steps", type=int, default=24)
-    parser.add_argument(
-        "--skip", nargs="*", default=[], choices=("speed", "quality", "cache", "train"), help="sections to leave out"
-    )
+    parser.add_argument("--rss_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rss_child:
+        rss_child(json.loads(args.rss_child))
+        return 0
+    if args.full:
+        args.sizes, args.batches, args.rounds = [256, 512], [1, 4], max(args.rounds, 5)
     if any(size % 8 for size in args.sizes):
         parser.error(f"--sizes must be multiples of 8 (the kl-f8 downsampling factor), got {args.sizes}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     device = torch.device(args.device)
-    path = choose_path(device)
-    configure_backends(path)
+    configure_backends(choose_path(device))
+    if device.type != "cpu":
+        args.rss = "none"
+    low = torch.bfloat16 if device.type == "cpu" else choose_path(device).dtype
+    dtypes = tuple({"fp32": torch.float32, "bf16": low}[name] for name in args.dtypes)
 
+    print_header(args, device)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, torch {torch.__version__}, {args.threads} threads")
-    print(f"CPU capability (torch): {torch.backends.cpu.get_cpu_capability()}")
-    print(f"path: {describe_path(path)}")
-    low = torch.bfloat16 if device.type == "cpu" else path.dtype
-    peaks = {dtype: matmul_gflops(dtype, device) for dtype in (torch.float32, low)}
-    print("matmul 2048^2: " + ", ".join(f"{str(d).removeprefix('torch.')} {g:.0f} GFLOP/s" for d, g in peaks.items()))
-
-    table = Table()
-    if "speed" not in args.skip:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_model_") as workdir:
+        args.workdir = workdir
         for size in args.sizes:
-            speed_rows(args, device, table, peaks, size)
-    if "quality" not in args.skip:
-        ours, _ = build_models(args.seed, torch.device("cpu"), torch.float32)
-        quality_rows(args, device, table, ours, "kl-f8 random weights", args.quality_size)
-        if Path(args.demo_vae, "config.json").is_file():
-            demo = AutoencoderKL.from_pretrained(args.demo_vae)
-            quality_rows(args, device, table, demo, f"trained {Path(args.demo_vae).name} VAE", args.quality_size)
-        else:
-            table.add("bf16 quality on the trained demo VAE", f"skipped: no VAE at {args.demo_vae}")
-    if "cache" not in args.skip:
-        cache_rows(args, device, table)
-    if "train" not in args.skip and device.type == "cpu":
-        train_rows(args, table)
+            for batch in args.batches:
+                rows += matrix_rows(args, device, size, batch, dtypes)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"load average before {load_before}, after {load_after}; best of {args.rounds} rounds\n")
-    table.print()
+    print(f"load average before {load_before}, after {load_after}; median of {args.rounds} interleaved rounds\n")
+    print_matrix(rows)
+
+    if args.extras:
+        table = Table()
+        if "quality" in args.extras:
+            ours, _ = build_models(args.seed, torch.device("cpu"), torch.float32)
+            quality_rows(args, device, table, ours, "kl-f8 random weights", args.quality_size)
+            if Path(args.demo_vae, "config.json").is_file():
+                demo = AutoencoderKL.from_pretrained(args.demo_vae)
+                quality_rows(args, device, table, demo, f"trained {Path(args.demo_vae).name} VAE", args.quality_size)
+            else:
+                table.add("bf16 quality on the trained demo VAE", f"skipped: no VAE at {args.demo_vae}")
+        if "cache" in args.extras:
+            cache_rows(args, device, table)
+        if "train" in args.extras and device.type == "cpu":
+            train_rows(args, table)
+        print()
+        table.print()
     return 0
 
 

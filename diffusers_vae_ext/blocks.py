@@ -14,9 +14,9 @@ differently:
   32x32), and each ResNet block's residual add is fused into its second convolution, written into the shortcut;
   the packed copies (as large as the weights) are rebuilt when the weights change;
 - SiLU runs in place, and divisions by an output scale factor of 1 are skipped;
-- in float32 on CPU, GroupNorm over planes of 2^17 pixels or more (512x512 and up) takes its statistics band by
-  band through PyTorch's NCHW kernel (`group_norm_channels_last`): its channels_last kernel is off by ~2e-4 there,
-  which would take the output more than 1e-4 away from diffusers' (default-layout) result.
+- in float32 on CPU, every GroupNorm takes two-pass statistics (`group_norm_channels_last`): PyTorch's channels_last
+  kernel sums x and x^2 in one float32 pass, whose error grows with the plane and the activations' mean (2e-4 at
+  256 px on one Xeon), which would take the output more than 1e-4 away from diffusers' (default-layout) result.
 
 A bfloat16 (or float16) model given input in its dtype runs the same path in that dtype, with oneDNN's native
 bf16 kernels where the CPU has them (AMX-BF16, AVX512-BF16; see `hardware.py`). What keeps quality stays float32:
@@ -146,13 +146,17 @@ def _norm_act(norm: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.silu(hidden, inplace=True) if silu else act(hidden)
 
 
-# PyTorch's CPU GroupNorm kernel for channels_last input sums x and x^2 per channel in one float32 pass and takes
-# E[x^2] - E[x]^2: at 512x512 its output is off by ~2e-4 (NCHW input: ~2e-6). Planes of this many pixels or more
-# get exact statistics in float32 (`group_norm_channels_last`); smaller ones stay within ~4e-5 with the kernel.
-_EXACT_GROUP_NORM_PIXELS = 1 << 17
-# Rows of the activation handled at a time by `group_norm_channels_last`: about this many bytes, so each piece
-# stays in cache between its two uses.
-_GROUP_NORM_CHUNK_BYTES = 1 << 23
+# PyTorch's CPU GroupNorm kernel for channels_last input takes its statistics in one pass: it sums x and x^2 per
+# channel in float32, sequentially along the pixels each thread owns (every plane size: by (n, group) below 1024
+# pixels, by pixel rows above), then takes E[x^2] - E[x]^2. Its error grows with the pixels summed per thread and
+# with mean^2 / variance (~2e-4 at 128x128 for a mean of 6 standard deviations, 1e-3 at 512x512), so no plane size
+# is safe on every CPU and thread count. The NCHW kernel (Welford moments per group, cascaded) is accurate, and is
+# what diffusers' default layout runs. In float32 on CPU every GroupNorm of the path therefore takes two-pass
+# statistics here (`group_norm_channels_last`); half precision keeps the kernel (it accumulates in float32, and
+# its error is far below bf16's own rounding).
+# Rows of the activation handled at a time by `group_norm_channels_last`: about this many bytes, so each band (and
+# its centred copy) stays in cache between its uses.
+_GROUP_NORM_CHUNK_BYTES = 1 << 21
 
 
 def _exact_group_norm_applies(norm: nn.Module, x: torch.Tensor) -> bool:
@@ -161,17 +165,22 @@ def _exact_group_norm_applies(norm: nn.Module, x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and x.ndim == 4
-        and x.shape[2] * x.shape[3] >= _EXACT_GROUP_NORM_PIXELS
         and x.is_contiguous(memory_format=torch.channels_last)
     )
 
 
-def group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-    """`norm(x)` (then SiLU with `silu=True`) for a channels_last `x`, with the statistics of the NCHW kernel.
+def _group_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return group_norm_channels_last(norm, x) if _exact_group_norm_applies(norm, x) else norm(x)
 
-    The statistics are taken a band of rows at a time: each band is copied to NCHW (in cache) and measured by
-    PyTorch's NCHW kernel (per-row moments, accurate), and the bands are combined in float64 (Chan's formula).
-    The normalisation (and SiLU) then runs band by band, so SiLU reads its input from cache instead of memory.
+
+def group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """`norm(x)` (then SiLU with `silu=True`) for a channels_last `x`, with two-pass (centred) statistics.
+
+    The statistics are taken a band of pixel rows at a time, while the band is in cache: each channel's band mean
+    (PyTorch's cascaded sum, accurate to a few float32 roundings), then the sum of squares about it. Bands and the
+    channels of a group are combined in float64 (Chan's formula), so nothing cancels. The normalisation (and SiLU)
+    then runs band by band too, so SiLU reads its input from cache instead of memory. Same memory traffic as the
+    channels_last kernel followed by SiLU (two reads of `x`, one write), with the accuracy of the NCHW kernel.
 
     Args:
         norm (`nn.GroupNorm`): the module (its groups, eps and affine parameters are used).
@@ -180,32 +189,30 @@ def group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = F
     """
     batch, channels, height, width = x.shape
     groups = norm.num_groups
+    per_group = channels // groups
     rows = max(1, _GROUP_NORM_CHUNK_BYTES // (batch * channels * width * x.element_size()))
     starts = range(0, height, rows)
-    # Flat buffers: a shorter last band is a contiguous view of their start.
-    band = torch.empty(batch * channels * rows * width, dtype=x.dtype, device=x.device)
-    scratch = torch.empty_like(band)
-    means = torch.empty((len(starts), batch, groups), dtype=x.dtype, device=x.device)
-    rstds = torch.empty_like(means)
-    counts = torch.tensor([min(rows, height - start) * width for start in starts], dtype=torch.float64)
+    pixels = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view of the channels_last memory, channels innermost
+    centred = torch.empty(batch * min(rows, height) * width * channels, dtype=x.dtype, device=x.device)
+    band_means = torch.empty((len(starts), batch, channels), dtype=x.dtype, device=x.device)
+    band_squares = torch.empty_like(band_means)
+    counts = []
     for index, start in enumerate(starts):
-        size = min(rows, height - start)
-        shape = (batch, channels, size, width)
-        piece = band[: batch * channels * size * width].view(shape)
-        piece.copy_(x[:, :, start : start + size])
-        torch.ops.aten.native_group_norm.out(
-            piece, None, None, batch, channels, size * width, groups, 0.0,
-            out0=scratch[: piece.numel()].view(shape), out1=means[index], out2=rstds[index],
-        )  # fmt: skip
-    # Per band and group: mean and 1 / std (eps 0) -> combined mean and variance of the whole plane.
-    counts = counts.view(-1, 1, 1)
-    band_means = means.double()
-    sums_of_squares = rstds.double().reciprocal().square() * counts
-    total = counts.sum()
-    mean = (band_means * counts).sum(0) / total
-    variance = (sums_of_squares + counts * (band_means - mean) ** 2).sum(0) / total
-    rstd = torch.rsqrt(variance + norm.eps)  # (N, G)
-    per_group = channels // groups
+        band = pixels[:, start : start + rows]
+        count = band.shape[1] * width
+        counts.append(count)
+        torch.sum(band, dim=(1, 2), out=band_means[index]).div_(count)
+        work = centred[: band.numel()].view(band.shape)
+        torch.sub(band, band_means[index].view(batch, 1, 1, channels), out=work)
+        torch.sum(work.square_(), dim=(1, 2), out=band_squares[index])
+    # Per band, sample and channel: count, mean, sum of squared deviations -> per sample and group, in float64.
+    counts = torch.tensor(counts, dtype=torch.float64, device=x.device).view(-1, 1, 1, 1)
+    means = band_means.double().view(len(starts), batch, groups, per_group)
+    squares = band_squares.double().view(len(starts), batch, groups, per_group)
+    total = counts.sum() * per_group
+    mean = (means * counts).sum((0, 3)) / total  # (N, G)
+    variance = (squares.sum((0, 3)) + (counts * (means - mean.view(1, batch, groups, 1)) ** 2).sum((0, 3))) / total
+    rstd = torch.rsqrt(variance + norm.eps)
     scale = rstd.view(batch, groups, 1).expand(batch, groups, per_group)
     shift = -(mean * rstd).view(batch, groups, 1).expand(batch, groups, per_group)
     if norm.affine:
@@ -291,7 +298,7 @@ def _attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not plain:
         return attn(x)
     batch, channels, height, width = x.shape
-    hidden = attn.group_norm(x) if attn.group_norm is not None else x
+    hidden = _group_norm(attn.group_norm, x) if attn.group_norm is not None else x
     # For channels_last activations this (N, H*W, C) token matrix is a view, not a copy.
     tokens = hidden.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
     query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)

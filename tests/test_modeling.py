@@ -56,7 +56,12 @@ def test_encode_decode_forward_equal_diffusers_on_real_photos(small_vae, photos6
         z = theirs.latent_dist.mode()
         decoded = small_vae.decode(z)
         assert isinstance(decoded, DecoderOutput)
-        assert max_diff(decoded.sample, twin.decode(z).sample) <= TOL
+        # Two float32 results, each within ~1e-5 of the exact one (ours 6.8e-6, diffusers' 1.2e-5 from a float64
+        # run here): they may differ by the sum of both roundings, so the exact result decides.
+        their_decoded = twin.decode(z).sample
+        exact = diffusers_twin(small_vae).double().decode(z.double()).sample
+        assert max_diff(decoded.sample, their_decoded) <= 2 * TOL
+        assert max_diff(decoded.sample, exact) <= max(TOL, max_diff(their_decoded, exact))
         assert max_diff(small_vae.decode(z, return_dict=False)[0], decoded.sample) == 0
 
         assert max_diff(small_vae(photos64).sample, twin(photos64).sample) <= FORWARD_TOL
