@@ -22,7 +22,9 @@ CONFIG_DIR = Path(__file__).parent.parent / "configs"
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Fine-tune a diffusers AutoencoderKL, or train one from scratch. See docs/training.md."
+        prog=prog,
+        description="Fine-tune any diffusers autoencoder class, train one from scratch, or distil one into a small one. "
+        "See docs/training.md.",
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -39,7 +41,24 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     model.add_argument(
         "--train_decoder_only",
         action="store_true",
-        help="freeze encoder and quant_conv so the latent space stays compatible (how sd-vae-ft-* were made)",
+        help="freeze what produces the latent (encoder, quant_conv) for every class, so the latent space stays "
+        "compatible (how sd-vae-ft-* were made)",
+    )
+    model.add_argument(
+        "--teacher_vae",
+        default=None,
+        help="distil this autoencoder folder (any supported class) into the trained one, as TAESD was made: the "
+        "student's encoder learns the teacher's scaled latents, its decoder decodes them. The student must be "
+        "deterministic (AutoencoderTiny, AutoencoderDC) with the teacher's latent channels and factor",
+    )
+    model.add_argument(
+        "--distill_target",
+        choices=("images", "teacher"),
+        default="images",
+        help="what the student's decode of the teacher's latents learns: the images (TAESD) or the teacher's decode",
+    )
+    model.add_argument(
+        "--distill_latent_weight", type=float, default=1.0, help="weight of the encoder's squared error to the latents"
     )
 
     data = parser.add_argument_group("data")
@@ -60,6 +79,16 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     data.add_argument("--random_flip", action="store_true")
     data.add_argument("--num_validation_images", type=int, default=4, help="held out of the training data")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
+    video = parser.add_argument_group("video (video autoencoder classes; clips are cut as `cache`/`stats` cut them)")
+    video.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="frames per clip (default: the class's smallest clip above 1, e.g. 5)",
+    )
+    video.add_argument("--fps", type=float, default=None, help="resample clips to this frame rate by timestamp")
+    video.add_argument("--frame_stride", type=int, default=None, help="take every n-th frame (exclusive with --fps)")
+    video.add_argument("--clips_per_video", type=int, default=1, help="non-overlapping clips per video, spread evenly")
 
     train = parser.add_argument_group("optimisation")
     train.add_argument("--output_dir", default="vae-finetuned")
@@ -109,6 +138,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     loss.add_argument("--disc_loss", choices=("hinge", "vanilla"), default="hinge")
     loss.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
     loss.add_argument("--disc_layers", type=int, default=3)
+    loss.add_argument(
+        "--disc_3d",
+        action="store_true",
+        help="video: a 3-D PatchGAN that sees whole clips (default: the 2-D PatchGAN on every frame)",
+    )
 
     run = parser.add_argument_group("checkpoints, validation, logging")
     run.add_argument("--checkpointing_steps", type=int, default=500)
@@ -141,6 +175,16 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         args.resize_to = 256
     if args.train_decoder_only and from_scratch:
         parser.error("--train_decoder_only needs a trained encoder: give --pretrained_model_name_or_path")
+    if args.fps is not None and args.frame_stride is not None:
+        parser.error("give either --fps or --frame_stride, not both")
+    if args.num_frames is not None and args.num_frames < 1:
+        parser.error("--num_frames must be at least 1")
+    if args.teacher_vae and not Path(args.teacher_vae, "config.json").is_file():
+        parser.error(
+            f"--teacher_vae {args.teacher_vae}: no config.json there; point at a diffusers autoencoder folder"
+        )
+    if args.teacher_vae and args.fp16_safe:
+        parser.error("--teacher_vae and --fp16_safe both train against a teacher: use one")
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
