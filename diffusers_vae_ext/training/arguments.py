@@ -179,7 +179,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         parser.error("give either --fps or --frame_stride, not both")
     if args.num_frames is not None and args.num_frames < 1:
         parser.error("--num_frames must be at least 1")
-    if args.teacher_vae and not Path(args.teacher_vae, "config.json").is_file():
+    teacher = Path(args.teacher_vae or "")
+    if (
+        args.teacher_vae
+        and teacher.is_dir()
+        and not any((teacher / sub / "config.json").is_file() for sub in ("", "vae"))
+    ):
         parser.error(
             f"--teacher_vae {args.teacher_vae}: no config.json there; point at a diffusers autoencoder folder"
         )
