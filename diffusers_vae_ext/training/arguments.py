@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     model.add_argument(
         "--model_config",
         default=None,
-        help=f"train from scratch: a config.json path or a built-in name ({', '.join(BUILTIN_CONFIGS)}); "
+        help=f"train from scratch: a config.json path (its `_class_name` picks the class: any supported "
+        f"autoencoder class; none: AutoencoderKL) or a built-in name ({', '.join(BUILTIN_CONFIGS)}); "
         "default small_rgb when no --pretrained_model_name_or_path is given",
     )
     model.add_argument(
