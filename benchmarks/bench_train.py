@@ -18,7 +18,8 @@ built-in photos, clips of 9 frames at 64x64 batch 2 from pan-and-zoom mp4s) with
 the bare diffusers step of the same class, config, batch and seed in this process: encode, draw the posterior
 (deterministic classes: the latents), decode, L1 (+ 1e-6 KL), backward, clip, AdamW, written plainly. The goal:
 the loop costs at most 10% over the bare step (its extras: data loading and decoding of clips, logging,
-non-finite checks, accelerate).
+non-finite checks, accelerate). The bare step runs before and after the loop and is averaged, since the load of a
+shared machine drifts.
 """
 
 from __future__ import annotations
@@ -229,13 +230,15 @@ def run_classes(steps: int, threads: int) -> None:
             else:
                 batch = 4
                 pixels = torch.rand(batch, 3, resolution, resolution) * 2 - 1
-            bare = bare_class_step_seconds(name, pixels, steps)
+            # Bare step before and after the loop, averaged: on a shared machine the load drifts between them.
+            bare_before = bare_class_step_seconds(name, pixels, steps)
             config_path = Path(tmp) / f"{name}.json"
             config_path.write_text(json.dumps({"_class_name": name, **config}))
             extra = ["--model_config", str(config_path), "--mixed_precision", "no"]
             if video:
                 extra += ["--train_data_dir", str(videos), "--num_frames", str(frames), "--resize_to", "96"]
             loop = run_variant(extra, steps, resolution, batch, threads)["seconds"]
+            bare = (bare_before + bare_class_step_seconds(name, pixels, steps)) / 2
             print(f"{name:28s} {params:6.2f}M {bare:12.3f} {loop:12.3f} {loop / bare:10.2f}")
 
 

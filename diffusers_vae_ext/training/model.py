@@ -262,6 +262,12 @@ def prepare_for_training(vae: nn.Module, args: argparse.Namespace) -> list[nn.Pa
             module = getattr(vae, name, None)
             if isinstance(module, nn.Module):
                 module.requires_grad_(False)
+    if type(vae).__name__ == "AutoencoderKLQwenImage":
+        # Images are one-frame clips: the temporal convolutions never run, so they get no gradient; frozen, DDP
+        # does not wait for their gradients (it would fail with "parameters that were not used").
+        for name, parameter in vae.named_parameters():
+            if "time_conv" in name:
+                parameter.requires_grad_(False)
     if args.gradient_checkpointing:
         if not getattr(vae, "_supports_gradient_checkpointing", False):
             raise ValueError(
