@@ -231,9 +231,9 @@ def train(args: argparse.Namespace) -> Path:
                         shape = latent_shape(adapter, pixels.shape)
                         noise = posterior_noise(shape, args.seed, step, micro_step, accelerator.process_index)
                         noise = noise.to(accelerator.device)
-                    output = training_forward(pixels, noise)
-                    reconstructions, moments = output.reconstructions.float(), output.moments
-                    target = pixels if output.pixel_target is None else output.pixel_target
+                    reconstructions, moments, *distillation = training_forward(pixels, noise)
+                    reconstructions = reconstructions.float()
+                    latent_target, target = distillation or (None, pixels)  # distillation: the teacher's targets
                     adversarial = discriminator is not None and step >= args.disc_start
                     loss, logs = generator_loss(
                         target,
@@ -247,7 +247,7 @@ def train(args: argparse.Namespace) -> Path:
                         discriminator=unwrapped_disc if adversarial else None,
                         last_layer=last_layer,
                         has_posterior=adapter.has_posterior,
-                        latent_target=output.latent_target,
+                        latent_target=latent_target,
                     )
                     if recipe is not None:
                         loss, recipe_logs = recipe.loss(pixels, noise, reconstructions, moments)

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -160,22 +160,6 @@ def last_decoder_layer(vae: nn.Module) -> torch.Tensor:
     return vae.get_parameter(pattern)
 
 
-class ForwardOutput(NamedTuple):
-    """What one training forward returns.
-
-    Attributes:
-        reconstructions: decoded pixels (same shape as the pixels fed in).
-        moments: `cat([mean, logvar])` of the posterior (KL classes) or the deterministic latents.
-        latent_target: distillation only: the teacher's latents in the student's raw space (the encoder's target).
-        pixel_target: distillation only: what `reconstructions` should equal (images, or the teacher's decode).
-    """
-
-    reconstructions: torch.Tensor
-    moments: torch.Tensor
-    latent_target: torch.Tensor | None = None
-    pixel_target: torch.Tensor | None = None
-
-
 class VAETrainingForward(nn.Module):
     """Encode, draw the latent (posterior with the given noise; deterministic classes: as they are), decode: one
     `forward` so DDP sees encoder and decoder.
@@ -189,6 +173,11 @@ class VAETrainingForward(nn.Module):
     teacher's pipeline convention and unscaled by the student's, so the student drops into the teacher's pipelines)
     and its decoder decodes the teacher's latents, towards the images (`distill_target="images"`, as TAESD) or
     the teacher's decode (`"teacher"`).
+
+    `forward` returns `(reconstructions, moments)`: decoded pixels shaped like the input, and the posterior's
+    `cat([mean, logvar])` (KL classes) or the deterministic latents. Distillation adds `(latent_target,
+    pixel_target)`: the teacher's latents in the student's raw space (the encoder's target) and what the
+    reconstructions should equal (images or the teacher's decode).
     """
 
     def __init__(
@@ -220,7 +209,7 @@ class VAETrainingForward(nn.Module):
             return self.vae.decode(latents, temb=temb.to(latents.dtype)).sample
         return self.vae.decode(latents).sample
 
-    def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> ForwardOutput:
+    def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         one_frame = self.adapter.is_video and pixels.ndim == 4
         if one_frame:
             pixels = pixels.unsqueeze(2)
@@ -233,12 +222,12 @@ class VAETrainingForward(nn.Module):
             if self.adapter.has_posterior:
                 posterior = DiagonalGaussianDistribution(moments)
                 latents = posterior.mean + posterior.std * noise.to(moments.dtype)
-            output = ForwardOutput(self._decode(latents), moments)
+            output = (self._decode(latents), moments)
         if one_frame:
-            output = ForwardOutput(*(t.squeeze(2) if t is not None and t.ndim == 5 else t for t in output))
+            output = tuple(t.squeeze(2) for t in output)
         return output
 
-    def _distill(self, pixels: torch.Tensor, latents: torch.Tensor) -> ForwardOutput:
+    def _distill(self, pixels: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, ...]:
         teacher, student = self.teacher, self.adapter
         with torch.no_grad():
             teacher_raw = teacher.latents_from_moments(teacher.encode_moments(pixels), sample=False)
@@ -246,7 +235,7 @@ class VAETrainingForward(nn.Module):
             pixel_target = pixels
             if self.distill_target == "teacher":
                 pixel_target = teacher.decode(teacher_raw).to(pixels.dtype)
-        return ForwardOutput(self._decode(target), latents, target, pixel_target)
+        return self._decode(target), latents, target, pixel_target
 
 
 def prepare_for_training(vae: nn.Module, args: argparse.Namespace) -> list[nn.Parameter]:
