@@ -11,6 +11,15 @@ the last rows are bf16 autocast and the default (`auto`: bf16 autocast where bf1
     python benchmarks/bench_train.py                # small_rgb, 64x64, batch 8
     python benchmarks/bench_train.py --steps 40 --resolution 128
     python benchmarks/bench_train.py --demo         # README command 1 in full: default vs --mixed_precision no
+    python benchmarks/bench_train.py --classes      # s/step per autoencoder class: the loop vs the bare step
+
+`--classes` trains every class the trainer takes (small configs, `CLASS_CONFIGS`; images at 64x64 batch 4 from the
+built-in photos, clips of 9 frames at 64x64 batch 2 from pan-and-zoom mp4s) with the real script, fp32, and times
+the bare diffusers step of the same class, config, batch and seed in this process: encode, draw the posterior
+(deterministic classes: the latents), decode, L1 (+ 1e-6 KL), backward, clip, AdamW, written plainly. The goal:
+the loop costs at most 10% over the bare step (its extras: data loading and decoding of clips, logging,
+non-finite checks, accelerate). The bare step runs before and after the loop and is averaged, since the load of a
+shared machine drifts.
 """
 
 from __future__ import annotations
@@ -38,6 +47,19 @@ VARIANTS = {
     "bf16 autocast": ["--mixed_precision", "bf16"],
     "default (--mixed_precision auto)": [],
 }
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def run_variant(extra: list[str], steps: int, resolution: int, batch: int, threads: int) -> dict:
@@ -115,6 +137,111 @@ def bare_step_seconds(steps: int, resolution: int, batch: int, threads: int) -> 
     return statistics.median(times[max(1, steps // 4) :])
 
 
+# Small configs per class (a few hundred thousand parameters): big enough that the step is not all overhead.
+CLASS_CONFIGS: dict[str, dict] = {
+    "AutoencoderKL": dict(
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    ),
+    "AutoencoderKLFlux2": dict(
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=8, norm_num_groups=8,
+    ),
+    "AutoencoderDC": dict(
+        latent_channels=8, attention_head_dim=8, encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
+        decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"], encoder_block_out_channels=[16, 32, 32],
+        decoder_block_out_channels=[16, 32, 32], encoder_qkv_multiscales=[[], [], [5]],
+        decoder_qkv_multiscales=[[], [], [5]], encoder_layers_per_block=[1, 1, 1], decoder_layers_per_block=[1, 1, 1],
+        downsample_block_type="conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+    ),
+    "AutoencoderTiny": dict(
+        encoder_block_out_channels=[32, 32, 32, 32], decoder_block_out_channels=[32, 32, 32, 32],
+        num_encoder_blocks=[1, 1, 1, 1], num_decoder_blocks=[1, 1, 1, 1],
+    ),
+    "AutoencoderKLWan": dict(
+        base_dim=16, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ),
+    "AutoencoderKLHunyuanVideo": dict(
+        latent_channels=8, down_block_types=["HunyuanVideoDownBlock3D"] * 4,
+        up_block_types=["HunyuanVideoUpBlock3D"] * 4, block_out_channels=[16, 16, 32, 32], layers_per_block=1,
+        norm_num_groups=8,
+    ),
+    "AutoencoderKLCogVideoX": dict(
+        down_block_types=["CogVideoXDownBlock3D"] * 4, up_block_types=["CogVideoXUpBlock3D"] * 4,
+        block_out_channels=[16, 16, 32, 32], latent_channels=8, layers_per_block=1, norm_num_groups=8,
+        temporal_compression_ratio=4,
+    ),
+}  # fmt: skip
+
+
+def bare_class_step_seconds(name: str, pixels: torch.Tensor, steps: int) -> float:
+    """The bare diffusers training step of class `name` on `pixels`, median seconds after warm-up."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = getattr(diffusers, name)(**CLASS_CONFIGS[name]).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        encoded = vae.encode(pixels)
+        if hasattr(encoded, "latent_dist"):
+            posterior = encoded.latent_dist
+            latents, kl = posterior.sample(), posterior.kl().mean()
+        else:
+            latents, kl = (encoded.latent if hasattr(encoded, "latent") else encoded.latents), 0.0
+        reconstruction = vae.decode(latents).sample
+        loss = (pixels - reconstruction).abs().flatten(1).sum(1).mean() + 1e-6 * kl
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[max(1, steps // 4) :])
+
+
+def run_classes(steps: int, threads: int) -> None:
+    from diffusers_vae_ext.autoencoders import as_autoencoder
+    from diffusers_vae_ext.training.clips import crop_clip
+    from diffusers_vae_ext.training.model import model_from_config
+    from diffusers_vae_ext.video import pan_zoom_frames, write_pan_zoom_video
+
+    torch.set_num_threads(threads)
+    resolution, frames = 64, 9
+    print(
+        f"images {resolution}x{resolution} batch 4 (built-in photos); clips {frames} x {resolution}x{resolution} "
+        f"batch 2 (pan-zoom mp4s); fp32, {threads} threads, median of steps {steps // 4 + 1}-{steps}"
+    )
+    print(f"{'class':28s} {'params':>7s} {'bare s/step':>12s} {'loop s/step':>12s} {'loop/bare':>10s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        videos = Path(tmp) / "videos"
+        for photo in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"):
+            write_pan_zoom_video(videos / f"{photo}.mp4", photo, num_frames=frames + 3, size=(96, 96))
+        for name, config in CLASS_CONFIGS.items():
+            model = model_from_config({"_class_name": name, **config})
+            video = as_autoencoder(model).is_video
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            if video:
+                batch = 2
+                pixels = torch.stack(
+                    [crop_clip(pan_zoom_frames(p, frames, (96, 96)), resolution) for p in ("astronaut", "rocket")]
+                )
+            else:
+                batch = 4
+                pixels = torch.rand(batch, 3, resolution, resolution) * 2 - 1
+            # Bare step before and after the loop, averaged: on a shared machine the load drifts between them.
+            bare_before = bare_class_step_seconds(name, pixels, steps)
+            config_path = Path(tmp) / f"{name}.json"
+            config_path.write_text(json.dumps({"_class_name": name, **config}))
+            extra = ["--model_config", str(config_path), "--mixed_precision", "no"]
+            if video:
+                extra += ["--train_data_dir", str(videos), "--num_frames", str(frames), "--resize_to", "96"]
+            loop = run_variant(extra, steps, resolution, batch, threads)["seconds"]
+            bare = (bare_before + bare_class_step_seconds(name, pixels, steps)) / 2
+            print(f"{name:28s} {params:6.2f}M {bare:12.3f} {loop:12.3f} {loop / bare:10.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
@@ -124,10 +251,15 @@ def main() -> None:
     parser.add_argument(
         "--demo", action="store_true", help="instead: README command 1 in full, default vs --mixed_precision no"
     )
+    parser.add_argument("--classes", action="store_true", help="instead: s/step per autoencoder class vs bare step")
     args = parser.parse_args()
     from diffusers_vae_ext.hardware import describe_path
 
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}")
     print(f"path: {describe_path()}; load average {os.getloadavg()}")
+    if args.classes:
+        run_classes(args.steps, args.threads)
+        return
     if args.demo:
         runs = {mode: run_demo(mode, args.threads) for mode in ("auto", "no")}
         print(f"{'README command 1':32s} {'wall s':>8s} {'s/step':>8s} {'PSNR dB':>8s}")

@@ -150,6 +150,49 @@ class PatchGANDiscriminator(nn.Module):
         return self.main(x)
 
 
+class PatchGAN3DDiscriminator(nn.Module):
+    """A PatchGAN over clips (N, C, T, H, W): `PatchGANDiscriminator`'s layout with 3-D convolutions that stride
+    in space only (kernel 3 in time), so each logit judges a patch across neighbouring frames (temporal flicker).
+
+    Same init as the 2-D one; used by the trainer's `--disc_3d` for video autoencoders.
+    """
+
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
+        super().__init__()
+
+        def conv(c_in: int, c_out: int, stride: int, bias: bool) -> nn.Conv3d:
+            return nn.Conv3d(c_in, c_out, (3, 4, 4), stride=(1, stride, stride), padding=(1, 1, 1), bias=bias)
+
+        layers: list[nn.Module] = [conv(in_channels, base_channels, 2, True), nn.LeakyReLU(0.2, inplace=True)]
+        mult = 1
+        for n in range(1, num_layers):
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                conv(base_channels * prev, base_channels * mult, 2, False),
+                nn.BatchNorm3d(base_channels * mult),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
+        prev, mult = mult, min(2**num_layers, 8)
+        layers += [
+            conv(base_channels * prev, base_channels * mult, 1, False),
+            nn.BatchNorm3d(base_channels * mult),
+            nn.LeakyReLU(0.2, inplace=True),
+            conv(base_channels * mult, 1, 1, True),
+        ]
+        self.main = nn.Sequential(*layers)
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, nn.BatchNorm3d):
+                nn.init.normal_(module.weight, 1.0, 0.02)
+            if isinstance(module, (nn.Conv3d, nn.BatchNorm3d)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Patch logits of shape (N, 1, T, h, w)."""
+        return self.main(x)
+
+
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """Discriminator hinge loss: 0.5 * (mean relu(1 - real) + mean relu(1 + fake))."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())

@@ -1,4 +1,5 @@
-"""Fine-tune a VAE or train one from scratch: `accelerate launch scripts/finetune_vae.py --output_dir DIR`.
+"""Fine-tune any supported autoencoder class, train one from scratch, or distil one into a small one:
+`accelerate launch scripts/finetune_vae.py --output_dir DIR`.
 
 The loop is a plain loop in `train()`, readable top to bottom, in the style of diffusers' example scripts (same
 argument names). Per optimisation step:
@@ -26,8 +27,13 @@ Modules, lower layers first (none imports `loop`):
 - `data`: training and held-out images, the training DataLoader, the posterior noise per step;
 - `streaming`: shards, parquet, URLs and videos streamed over (process, worker) readers, each sample once per
   epoch, with the stream's position in every checkpoint (exact resume);
-- `model`: what is trained: `load_vae`, `VAETrainingForward` (the module the optimiser sees), EMA weights;
-- `objective`: the generator's loss (reconstruction, LPIPS, KL, adversarial) and the discriminator's;
+- `clips`: training and held-out clips of a local video folder for video classes (`{"pixel_values": (N, C, T,
+  H, W)}`), cut as `cache`/`stats` cut them;
+- `model`: what is trained: `load_vae` (any class the adapter loads, or a config with `_class_name`),
+  `VAETrainingForward` (the module the optimiser sees: posterior or deterministic latents, 4-D or 5-D, decoder-only,
+  distillation against `load_teacher`), EMA weights;
+- `objective`: the generator's loss (reconstruction, LPIPS per frame, KL where the class has a posterior,
+  adversarial on frames or clips, distillation's latent error) and the discriminator's;
 - `recipe`: `training_recipe.json`, what it takes to reproduce, resume or restart the run elsewhere;
 - `checkpoints`: atomic saving, which checkpoint is complete, resuming, pruning, EMA inside them, Ctrl-C/SIGTERM;
 - `validation`: held-out PSNR/SSIM with a picture per validation step, the loss curve;

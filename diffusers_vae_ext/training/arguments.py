@@ -24,7 +24,9 @@ CONFIG_DIR = Path(__file__).parent.parent / "configs"
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Fine-tune a diffusers AutoencoderKL, or train one from scratch. See docs/training.md."
+        prog=prog,
+        description="Fine-tune any diffusers autoencoder class, train one from scratch, or distil one into a small one. "
+        "See docs/training.md.",
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -35,13 +37,31 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     model.add_argument(
         "--model_config",
         default=None,
-        help=f"train from scratch: a config.json path or a built-in name ({', '.join(BUILTIN_CONFIGS)}); "
+        help=f"train from scratch: a config.json path (its `_class_name` picks the class: any supported "
+        f"autoencoder class; none: AutoencoderKL) or a built-in name ({', '.join(BUILTIN_CONFIGS)}); "
         "default small_rgb when no --pretrained_model_name_or_path is given",
     )
     model.add_argument(
         "--train_decoder_only",
         action="store_true",
-        help="freeze encoder and quant_conv so the latent space stays compatible (how sd-vae-ft-* were made)",
+        help="freeze what produces the latent (encoder, quant_conv) for every class, so the latent space stays "
+        "compatible (how sd-vae-ft-* were made)",
+    )
+    model.add_argument(
+        "--teacher_vae",
+        default=None,
+        help="distil this autoencoder folder (any supported class) into the trained one, as TAESD was made: the "
+        "student's encoder learns the teacher's scaled latents, its decoder decodes them. The student must be "
+        "deterministic (AutoencoderTiny, AutoencoderDC) with the teacher's latent channels and factor",
+    )
+    model.add_argument(
+        "--distill_target",
+        choices=("images", "teacher"),
+        default="images",
+        help="what the student's decode of the teacher's latents learns: the images (TAESD) or the teacher's decode",
+    )
+    model.add_argument(
+        "--distill_latent_weight", type=float, default=1.0, help="weight of the encoder's squared error to the latents"
     )
 
     data = parser.add_argument_group("data")
@@ -93,7 +113,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     )
     video = parser.add_argument_group("videos (clips cut as `diffusers-vae cache` and `stats` cut them)")
     video.add_argument(
-        "--num_frames", type=int, default=None, help="frames per training clip (video VAEs: 4k+1, 8k+1)"
+        "--num_frames",
+        type=int,
+        default=None,
+        help="frames per training clip (video classes: default the class's smallest clip above 1, e.g. 5; "
+        "a folder of videos for an image class needs it)",
     )
     rate = video.add_mutually_exclusive_group()
     rate.add_argument("--frame_stride", type=int, default=None, help="take every n-th frame")
@@ -157,6 +181,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "folder) to continue a fine-tune elsewhere with the same discriminator (exact resume: "
         "--resume_from_checkpoint)",
     )
+    loss.add_argument(
+        "--disc_3d",
+        action="store_true",
+        help="video: a 3-D PatchGAN that sees whole clips (default: the 2-D PatchGAN on every frame)",
+    )
 
     run = parser.add_argument_group("checkpoints, validation, logging")
     run.add_argument("--checkpointing_steps", type=int, default=500)
@@ -189,6 +218,19 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         args.resize_to = 256
     if args.train_decoder_only and from_scratch:
         parser.error("--train_decoder_only needs a trained encoder: give --pretrained_model_name_or_path")
+    if args.num_frames is not None and args.num_frames < 1:
+        parser.error("--num_frames must be at least 1")
+    teacher = Path(args.teacher_vae or "")
+    if (
+        args.teacher_vae
+        and teacher.is_dir()
+        and not any((teacher / sub / "config.json").is_file() for sub in ("", "vae"))
+    ):
+        parser.error(
+            f"--teacher_vae {args.teacher_vae}: no config.json there; point at a diffusers autoencoder folder"
+        )
+    if args.teacher_vae and args.fp16_safe:
+        parser.error("--teacher_vae and --fp16_safe both train against a teacher: use one")
     for name in (
         "max_train_steps",
         "train_batch_size",

@@ -55,7 +55,6 @@ from ..atomic import (
     torch_zip_problem,
     write_marker,
 )
-from ..modeling import AutoencoderKL
 from .recipe import RECIPE_NAME, recipe_json
 
 logger = logging.getLogger(__package__)
@@ -344,7 +343,8 @@ def register_ema_checkpointing(accelerator, ema) -> None:
             ema.save_pretrained(os.path.join(checkpoint_dir, "vae_ema"))
 
     def load_ema(models, checkpoint_dir):
-        loaded = EMAModel.from_pretrained(os.path.join(checkpoint_dir, "vae_ema"), model_cls=AutoencoderKL)
+        # the trained class (EMAModel records it): AutoencoderKL or any other class the adapter trains
+        loaded = EMAModel.from_pretrained(os.path.join(checkpoint_dir, "vae_ema"), model_cls=ema.model_cls)
         ema.load_state_dict(loaded.state_dict())
         ema.to(accelerator.device)
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from .. import fp16_safe, losses
+from ..autoencoders import as_autoencoder
 from ..hardware import choose_path, describe_path
 from ..modeling import AutoencoderKL
 from .arguments import parse_args, resolve_mixed_precision
 from .checkpoints import StopRequested, logged_steps, register_ema_checkpointing, resume_state, save_checkpoint
+from .clips import clip_dataloader, training_clips, validation_clips_batch
 from .data import (
     describe_training_data,
     epoch_batches,
@@ -28,8 +30,18 @@ from .data import (
     updates_per_epoch,
     validation_batch,
 )
-from .model import VAETrainingForward, ema_weights, load_vae, prepare_for_training
-from .objective import discriminator_loss_fn, generator_loss
+from .model import (
+    VAETrainingForward,
+    check_model_arguments,
+    ema_weights,
+    last_decoder_layer,
+    latent_shape,
+    load_teacher,
+    load_vae,
+    prepare_for_training,
+    trains_on_clips,
+)
+from .objective import discriminator_input, discriminator_loss_fn, generator_loss
 from .output import (
     begin_final_save,
     load_discriminator,
@@ -91,17 +103,27 @@ def train(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
     accelerator, report_to = create_accelerator(args)
 
-    # ---- data (fails before any model work on a missing or empty folder)
-    train_images, validation_images, source = training_images(args)
-
-    # ---- model, optional EMA, discriminator and LPIPS
+    # ---- model (any class the adapter loads) and its data: images, or clips for video classes; bad input fails
+    # here, before any training
     vae = load_vae(args)
-    resolution = args.resolution or vae.config.sample_size
+    adapter = as_autoencoder(vae)
+    check_model_arguments(adapter, args)
+    clips = trains_on_clips(adapter)
+    if clips:
+        train_images, validation_images, source = training_clips(args, adapter.frame_multiple, adapter.class_name)
+    else:
+        train_images, validation_images, source = training_images(args)
+    teacher = load_teacher(args.teacher_vae, adapter) if args.teacher_vae else None
+    if teacher is not None:
+        teacher.vae.to(accelerator.device)
+    resolution = args.resolution or vae.config.get("sample_size") or 256
     if isinstance(resolution, (list, tuple)):
         resolution = resolution[0]
-    if resolution % vae.downsampling_factor:
-        raise ValueError(f"--resolution {resolution} must be divisible by the VAE factor {vae.downsampling_factor}.")
-    channels = vae.config.in_channels
+    if resolution % adapter.size_multiple:
+        raise ValueError(
+            f"--resolution {resolution} must be divisible by {adapter.size_multiple} for {adapter.class_name}."
+        )
+    channels = adapter.in_channels
     recipe = None
     if args.fp16_safe:  # teacher = the starting VAE; the student is rescaled, then trained to match it
         calibration = fp16_safe.calibration_pixels(train_images, resolution, channels, resize_to=args.resize_to)
@@ -110,7 +132,7 @@ def train(args: argparse.Namespace) -> Path:
 
     ema = None
     if args.use_ema:
-        ema = EMAModel(vae.parameters(), decay=args.ema_decay, model_cls=AutoencoderKL, model_config=vae.config)
+        ema = EMAModel(vae.parameters(), decay=args.ema_decay, model_cls=type(vae), model_config=vae.config)
 
     lpips = None
     if args.perceptual_weight > 0:
@@ -118,7 +140,8 @@ def train(args: argparse.Namespace) -> Path:
 
     discriminator = None
     if args.disc_weight > 0:
-        discriminator = losses.PatchGANDiscriminator(in_channels=vae.config.out_channels, num_layers=args.disc_layers)
+        patchgan = losses.PatchGAN3DDiscriminator if args.disc_3d else losses.PatchGANDiscriminator
+        discriminator = patchgan(in_channels=adapter.out_channels, num_layers=args.disc_layers)
         if args.discriminator_weights:
             load_discriminator(discriminator, args.discriminator_weights)
         discriminator.train()
@@ -135,8 +158,11 @@ def train(args: argparse.Namespace) -> Path:
     )
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, **scheduler_steps)
 
-    dataset, dataloader = training_dataloader(train_images, resolution, channels, args, accelerator)
-    training_forward = VAETrainingForward(vae, args.train_decoder_only)
+    if clips:
+        dataset, dataloader = clip_dataloader(train_images, resolution, args, accelerator.num_processes)
+    else:
+        dataset, dataloader = training_dataloader(train_images, resolution, channels, args, accelerator)
+    training_forward = VAETrainingForward(vae, args.train_decoder_only, teacher, args.distill_target)
     if discriminator is not None:
         disc_optimizer = torch.optim.AdamW(
             discriminator.parameters(), lr=args.disc_learning_rate or learning_rate, betas=betas, weight_decay=0.0
@@ -155,13 +181,18 @@ def train(args: argparse.Namespace) -> Path:
         ema.to(accelerator.device)
         register_ema_checkpointing(accelerator, ema)
 
-    unwrapped_vae: AutoencoderKL = accelerator.unwrap_model(training_forward).vae
+    unwrapped_vae = accelerator.unwrap_model(training_forward).vae
     unwrapped_disc = accelerator.unwrap_model(discriminator) if discriminator is not None else None
-    last_layer = unwrapped_vae.decoder.conv_out.weight
-    validation_pixels = validation_batch(
-        validation_images, resolution, channels, args.num_validation_images, args.resize_to
-    )
-    num_pixels = channels * resolution * resolution
+    last_layer = last_decoder_layer(unwrapped_vae)
+    if clips:
+        validation_pixels = validation_clips_batch(
+            validation_images, resolution, args.num_validation_images, args.resize_to
+        )
+    else:
+        validation_pixels = validation_batch(
+            validation_images, resolution, channels, args.num_validation_images, args.resize_to
+        )
+    num_pixels = channels * resolution * resolution * (validation_pixels.shape[2] if clips else 1)
     d_loss_fn = discriminator_loss_fn(args.disc_loss)
 
     steps_per_epoch = updates_per_epoch(dataloader, args)  # a stream: --max_train_steps (one pass)
@@ -185,13 +216,14 @@ def train(args: argparse.Namespace) -> Path:
     global_step, first_epoch, skip_batches = resume_state(accelerator, args, steps_per_epoch, (log_path, metrics_path))
 
     accelerator.print(
-        f"Training {'the decoder of ' if args.train_decoder_only else ''}a VAE with "
-        f"{sum(p.numel() for p in vae_parameters) / 1e6:.2f}M trainable parameters on {source}, "
+        f"Training {'the decoder of ' if args.train_decoder_only else ''}{adapter.class_name} with "
+        + (f"teacher {teacher.class_name} ({args.teacher_vae}) and " if teacher is not None else "")
+        + f"{sum(p.numel() for p in vae_parameters) / 1e6:.2f}M trainable parameters on {source}, "
         f"{resolution}x{resolution}, batch {args.train_batch_size} x {accelerator.num_processes} processes x "
         f"{args.gradient_accumulation_steps} accumulation, lr {learning_rate:g}, {args.max_train_steps} steps."
     )
     if accelerator.is_main_process and global_step == 0:
-        before = validate(unwrapped_vae, validation_pixels, 0, args, accelerator)
+        before = validate(unwrapped_vae, validation_pixels, 0, args, accelerator, teacher)
         accelerator.print(f"Held-out PSNR before training: {before['psnr']:.2f} dB")
 
     progress = tqdm(
@@ -216,17 +248,19 @@ def train(args: argparse.Namespace) -> Path:
                 models = [training_forward] + ([discriminator] if discriminator is not None else [])
                 with accelerator.accumulate(*models):
                     # ---------------- generator step
-                    latent_shape = (pixels.shape[0], vae.config.latent_channels) + tuple(
-                        s // vae.downsampling_factor for s in pixels.shape[-2:]
-                    )
-                    noise = posterior_noise(
-                        latent_shape, args.seed, step, micro_step, accelerator.process_index, accelerator.num_processes
-                    )
-                    reconstructions, moments = training_forward(pixels, noise.to(accelerator.device))
+                    noise = None
+                    if adapter.has_posterior and teacher is None:
+                        shape = latent_shape(adapter, pixels.shape)
+                        noise = posterior_noise(
+                            shape, args.seed, step, micro_step, accelerator.process_index, accelerator.num_processes
+                        )
+                        noise = noise.to(accelerator.device)
+                    reconstructions, moments, *distillation = training_forward(pixels, noise)
                     reconstructions = reconstructions.float()
+                    latent_target, target = distillation or (None, pixels)  # distillation: the teacher's targets
                     adversarial = discriminator is not None and step >= args.disc_start
                     loss, logs = generator_loss(
-                        pixels,
+                        target,
                         reconstructions,
                         moments,
                         step,
@@ -236,6 +270,8 @@ def train(args: argparse.Namespace) -> Path:
                         lpips=lpips,
                         discriminator=unwrapped_disc if adversarial else None,
                         last_layer=last_layer,
+                        has_posterior=adapter.has_posterior,
+                        latent_target=latent_target,
                     )
                     if recipe is not None:
                         loss, recipe_logs = recipe.loss(pixels, noise, reconstructions, moments)
@@ -254,7 +290,8 @@ def train(args: argparse.Namespace) -> Path:
                     if adversarial and finite:
                         # One forward on both halves: DDP allows one forward per backward.
                         with accelerator.autocast():
-                            logits = discriminator(torch.cat([pixels, reconstructions.detach().to(pixels.dtype)]))
+                            real_and_fake = torch.cat([pixels, reconstructions.detach().to(pixels.dtype)])
+                            logits = discriminator(discriminator_input(real_and_fake, args.disc_3d))
                         logits_real, logits_fake = logits.float().chunk(2)
                         d_loss = d_loss_fn(logits_real, logits_fake)
                         accelerator.backward(d_loss)
@@ -289,7 +326,7 @@ def train(args: argparse.Namespace) -> Path:
                 logs.update(step=global_step, loss=loss.item(), lr=lr_scheduler.get_last_lr()[0], finite=finite)
                 logs["seconds"] = round(now - step_started, 4)
                 step_started = now
-                progress.set_postfix(rec=f"{logs['rec_per_pixel']:.4f}", kl=f"{logs['kl']:.1f}")
+                progress.set_postfix(rec=f"{logs['rec_per_pixel']:.4f}", kl=f"{logs.get('kl', 0.0):.1f}")
                 accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=global_step)
                 if accelerator.is_main_process:
                     with open(log_path, "a", encoding="utf-8") as handle:
@@ -300,7 +337,7 @@ def train(args: argparse.Namespace) -> Path:
                     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_recipe)
                 if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     with ema_weights(ema, unwrapped_vae):
-                        metrics = validate(unwrapped_vae, validation_pixels, global_step, args, accelerator)
+                        metrics = validate(unwrapped_vae, validation_pixels, global_step, args, accelerator, teacher)
                     progress.write(f"step {global_step}: held-out PSNR {metrics['psnr']:.2f} dB")
                 if stop_now:
                     accelerator.print(
@@ -321,14 +358,18 @@ def train(args: argparse.Namespace) -> Path:
         if ema is not None:
             ema.copy_to(unwrapped_vae.parameters())
         if args.max_train_steps % args.validation_steps and global_step not in logged_steps(metrics_path):
-            validate(
-                unwrapped_vae, validation_pixels, global_step, args, accelerator
-            )  # not if a killed final save did
+            # not if a killed final save did
+            validate(unwrapped_vae, validation_pixels, global_step, args, accelerator, teacher)
         staging = begin_final_save(output_dir)
         unwrapped_vae.save_pretrained(staging, safe_serialization=True)
         if recipe is not None:
             recipe.finish(unwrapped_vae, validation_pixels, staging)
-        if args.recompute_scaling_factor:
+        if args.recompute_scaling_factor and not isinstance(unwrapped_vae, AutoencoderKL):
+            accelerator.print(
+                f"Latent statistics not recomputed for {adapter.class_name}: measure them on the output folder with "
+                "`diffusers-vae stats --write_config`."
+            )
+        elif args.recompute_scaling_factor:
             recompute_scaling_factor(unwrapped_vae, train_images, resolution, channels, args, staging)
         curve = plot_loss_curve(log_path, metrics_path, staging / "loss_curve.png")
         save_discriminator(unwrapped_disc, staging)

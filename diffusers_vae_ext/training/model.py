@@ -1,4 +1,11 @@
-"""What is trained: the VAE (from a folder or a config), the forward the optimiser sees, and its EMA weights."""
+"""What is trained: the autoencoder (any class the adapter loads, from a folder or a config), the forward the
+optimiser sees, decoder-only freezing, gradient checkpointing, the optional distillation teacher, EMA weights.
+
+Every class goes through `diffusers_vae_ext.autoencoders` (`AutoencoderAdapter`): KL classes train their
+posterior with KL, deterministic classes (`AutoencoderDC`, `AutoencoderTiny`) their latents as they are, video
+classes take 5-D clips (B, C, T, H, W). Our `AutoencoderKL` keeps its own fast path (`_decode` without the NaN
+check) so its runs are unchanged.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +20,21 @@ import torch
 import torch.nn as nn
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ..autoencoders import SUPPORTED_CLASSES, AutoencoderAdapter, as_autoencoder, load_autoencoder
 from ..modeling import AutoencoderKL
 from .arguments import BUILTIN_CONFIGS, CONFIG_DIR
+
+# Submodules that produce the latent, per class: what `--train_decoder_only` freezes. Everything else (decoder,
+# post_quant_conv, LTX's timestep embedding in the decoder) trains.
+ENCODER_MODULES = ("encoder", "quant_conv")
+
+# The decoder's last layer, whose gradients balance the adversarial term (LDM's adaptive weight), per class.
+_LAST_LAYERS = {
+    "AutoencoderTiny": "decoder.layers.{last}.weight",
+    "AutoencoderKLHunyuanVideo": "decoder.conv_out.conv.weight",
+    "AutoencoderKLLTXVideo": "decoder.conv_out.conv.weight",
+    "AutoencoderKLCogVideoX": "decoder.conv_out.conv.weight",
+}
 
 
 def load_model_config(name_or_path: str) -> dict[str, Any]:
@@ -32,47 +52,217 @@ def load_model_config(name_or_path: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_vae(args: argparse.Namespace) -> AutoencoderKL:
+def model_from_config(config: dict[str, Any], where: str = "--model_config") -> nn.Module:
+    """A freshly initialised model of the class named by the config's `_class_name` (default: our AutoencoderKL)."""
+    name = config.get("_class_name", "AutoencoderKL")
+    if name not in SUPPORTED_CLASSES:
+        raise ValueError(
+            f"{where}: autoencoder class {name!r} is not supported. Set `_class_name` to one of: "
+            f"{', '.join(SUPPORTED_CLASSES)}."
+        )
+    if name == "AutoencoderKL":
+        return AutoencoderKL.from_config(config)
+    import diffusers
+
+    return getattr(diffusers, name).from_config(config)
+
+
+def load_vae(args: argparse.Namespace) -> nn.Module:
+    """The model to train: `--pretrained_model_name_or_path` (any supported class, by its config's `_class_name`)
+    or a fresh model from `--model_config` (default `small_rgb`)."""
     if not args.pretrained_model_name_or_path:
-        return AutoencoderKL.from_config(load_model_config(args.model_config or "small_rgb"))
+        return model_from_config(load_model_config(args.model_config or "small_rgb"))
     subfolder = args.vae_subfolder
     local = Path(args.pretrained_model_name_or_path)
     if subfolder is None and (local / "vae" / "config.json").is_file() and not (local / "config.json").is_file():
         subfolder = "vae"
-    return AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision
-    )
+    config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision)
+    if config.get("_class_name", "AutoencoderKL") == "AutoencoderKL":
+        return AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision
+        )
+    if args.revision is not None:
+        raise ValueError("--revision is only supported for AutoencoderKL; download the revision and pass its folder.")
+    return load_autoencoder(args.pretrained_model_name_or_path, subfolder=subfolder).vae
+
+
+def trains_on_clips(adapter: AutoencoderAdapter) -> bool:
+    """Whether the class trains on video clips (Wan, HunyuanVideo, LTX, CogVideoX). Qwen-Image has a 5-D VAE but
+    is an image model: it trains on images, as one-frame clips."""
+    return adapter.is_video and adapter.class_name != "AutoencoderKLQwenImage"
+
+
+def check_model_arguments(adapter: AutoencoderAdapter, args: argparse.Namespace) -> None:
+    """Arguments that do not fit the class, refused before any data is read."""
+    name = adapter.class_name
+    if getattr(args, "fp16_safe", False) and name != "AutoencoderKL":
+        raise ValueError(f"--fp16_safe is the SDXL-VAE recipe for AutoencoderKL; {name} is not supported.")
+    if not trains_on_clips(adapter):
+        given = [f"--{key}" for key in ("num_frames", "fps", "frame_stride") if getattr(args, key, None) is not None]
+        if getattr(args, "disc_3d", False):
+            given.append("--disc_3d")
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: {name} is an image autoencoder; these options are for video classes."
+            )
+
+
+def latent_shape(adapter: AutoencoderAdapter, pixel_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the raw latents of pixels of `pixel_shape` ((N, C, H, W), or (N, C, T, H, W) for clips); images
+    given to a 5-D class are one-frame clips."""
+    batch, height, width = pixel_shape[0], pixel_shape[-2], pixel_shape[-1]
+    frames: tuple[int, ...] = ()
+    if adapter.is_video:
+        frames = (adapter.num_latent_frames(pixel_shape[2]) if len(pixel_shape) == 5 else 1,)
+    factor = adapter.spatial_factor
+    return (batch, adapter.latent_channels, *frames, height // factor, width // factor)
+
+
+def load_teacher(path: str, student: AutoencoderAdapter) -> AutoencoderAdapter:
+    """The frozen distillation teacher (`--teacher_vae`), checked against the student before any training.
+
+    The student's latents must have the teacher's shape (channels, spatial and temporal factor), because its
+    encoder learns the teacher's scaled latents and its decoder decodes them.
+    """
+    teacher = load_autoencoder(path)
+    teacher.vae.requires_grad_(False).eval()
+    mismatches = [
+        f"{what}: teacher {t}, student {s}"
+        for what, t, s in (
+            ("latent channels", teacher.latent_channels, student.latent_channels),
+            ("spatial factor", teacher.spatial_factor, student.spatial_factor),
+            ("temporal factor", teacher.temporal_factor, student.temporal_factor),
+            ("video (5-D)", teacher.is_video, student.is_video),
+            ("image channels", teacher.in_channels, student.in_channels),
+        )
+        if t != s
+    ]
+    if mismatches:
+        raise ValueError(
+            f"--teacher_vae {path} ({teacher.class_name}) and the student ({student.class_name}) have different "
+            f"latent shapes ({'; '.join(mismatches)}). Give the student a config with the teacher's latent channels "
+            "and factor (AutoencoderTiny: latent_channels, and len(num_encoder_blocks) - 1 downsamplings)."
+        )
+    if student.has_posterior:
+        raise ValueError(
+            f"--teacher_vae distils into a deterministic student (AutoencoderTiny or AutoencoderDC); "
+            f"{student.class_name} has a posterior. Pass e.g. a --model_config with _class_name AutoencoderTiny."
+        )
+    return teacher
+
+
+def last_decoder_layer(vae: nn.Module) -> torch.Tensor:
+    """The weight of the decoder's last layer (where LDM's adaptive weight compares gradients), for any class."""
+    name = type(vae).__name__
+    pattern = _LAST_LAYERS.get(name, "decoder.conv_out.weight")
+    if "{last}" in pattern:
+        pattern = pattern.format(last=len(vae.decoder.layers) - 1)
+    return vae.get_parameter(pattern)
 
 
 class VAETrainingForward(nn.Module):
-    """Encode, sample the posterior with given noise, decode: one `forward` so DDP sees encoder and decoder.
+    """Encode, draw the latent (posterior with the given noise; deterministic classes: as they are), decode: one
+    `forward` so DDP sees encoder and decoder.
 
-    With `train_decoder_only` the encoder runs without autograd (its weights are frozen; this also takes the
-    fast inference path). `_decode` skips decode()'s NaN check on purpose: a non-finite loss must reach the loop,
-    which skips the step, instead of crashing the run.
+    With `train_decoder_only` the encoder runs without autograd (its weights are frozen). Our `AutoencoderKL` uses
+    `_decode`, which skips decode()'s NaN check on purpose: a non-finite loss must reach the loop, which skips the
+    step, instead of crashing the run. Image batches (N, C, H, W) given to a 5-D class (Qwen-Image) are one-frame
+    clips.
+
+    With a `teacher` (distillation), the student's encoder is trained towards the teacher's latents (scaled by the
+    teacher's pipeline convention and unscaled by the student's, so the student drops into the teacher's pipelines)
+    and its decoder decodes the teacher's latents, towards the images (`distill_target="images"`, as TAESD) or
+    the teacher's decode (`"teacher"`).
+
+    `forward` returns `(reconstructions, moments)`: decoded pixels shaped like the input, and the posterior's
+    `cat([mean, logvar])` (KL classes) or the deterministic latents. Distillation adds `(latent_target,
+    pixel_target)`: the teacher's latents in the student's raw space (the encoder's target) and what the
+    reconstructions should equal (images or the teacher's decode).
     """
 
-    def __init__(self, vae: AutoencoderKL, train_decoder_only: bool = False):
+    def __init__(
+        self,
+        vae: nn.Module,
+        train_decoder_only: bool = False,
+        teacher: AutoencoderAdapter | None = None,
+        distill_target: str = "images",
+    ):
         super().__init__()
         self.vae = vae
         self.train_decoder_only = train_decoder_only
+        # Plain attributes (not submodules): the teacher is frozen and stays out of DDP and the checkpoints.
+        self.__dict__["adapter"] = as_autoencoder(vae)
+        self.__dict__["teacher"] = teacher
+        self.distill_target = distill_target
 
-    def forward(self, pixels: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        output = self.vae.encode(pixels)
+        if self.adapter.has_posterior:
+            return output.latent_dist.parameters
+        return getattr(output, self.adapter._output_attribute)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.vae, AutoencoderKL):
+            return self.vae._decode(latents)
+        if self.adapter.class_name == "AutoencoderKLLTXVideo" and self.vae.config.get("timestep_conditioning"):
+            temb = torch.full((latents.shape[0],), self.adapter.decode_timestep, device=latents.device)
+            return self.vae.decode(latents, temb=temb.to(latents.dtype)).sample
+        return self.vae.decode(latents).sample
+
+    def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        one_frame = self.adapter.is_video and pixels.ndim == 4
+        if one_frame:
+            pixels = pixels.unsqueeze(2)
         with torch.no_grad() if self.train_decoder_only else nullcontext():
-            moments = self.vae.encode(pixels).latent_dist.parameters
-        posterior = DiagonalGaussianDistribution(moments)
-        latents = posterior.mean + posterior.std * noise.to(moments.dtype)
-        return self.vae._decode(latents), moments
+            moments = self._encode(pixels)
+        if self.teacher is not None:
+            output = self._distill(pixels, moments)
+        else:
+            latents = moments
+            if self.adapter.has_posterior:
+                posterior = DiagonalGaussianDistribution(moments)
+                latents = posterior.mean + posterior.std * noise.to(moments.dtype)
+            output = (self._decode(latents), moments)
+        if one_frame:
+            output = tuple(t.squeeze(2) for t in output)
+        return output
+
+    def _distill(self, pixels: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        teacher, student = self.teacher, self.adapter
+        with torch.no_grad():
+            teacher_raw = teacher.latents_from_moments(teacher.encode_moments(pixels), sample=False)
+            target = student.unscale(teacher.scale(teacher_raw).float().cpu()).to(latents)
+            pixel_target = pixels
+            if self.distill_target == "teacher":
+                pixel_target = teacher.decode(teacher_raw).to(pixels.dtype)
+        return self._decode(target), latents, target, pixel_target
 
 
-def prepare_for_training(vae: AutoencoderKL, args: argparse.Namespace) -> list[nn.Parameter]:
-    """Training mode, `--train_decoder_only` freezing and `--gradient_checkpointing`; returns the trained parameters."""
+def prepare_for_training(vae: nn.Module, args: argparse.Namespace) -> list[nn.Parameter]:
+    """Training mode, `--train_decoder_only` freezing and `--gradient_checkpointing`; returns the trained parameters.
+
+    Decoder-only freezes every submodule that produces the latent (`ENCODER_MODULES`: `encoder` and, where the
+    class has one, `quant_conv`), for every class. Gradient checkpointing is refused with a clear error for the
+    classes diffusers does not implement it for (AutoencoderDC, Wan, Qwen-Image: Wan's causal feature cache).
+    """
     vae.train()
     if args.train_decoder_only:
-        vae.encoder.requires_grad_(False)
-        if vae.quant_conv is not None:
-            vae.quant_conv.requires_grad_(False)
+        for name in ENCODER_MODULES:
+            module = getattr(vae, name, None)
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
+    if type(vae).__name__ == "AutoencoderKLQwenImage":
+        # Images are one-frame clips: the temporal convolutions never run, so they get no gradient; frozen, DDP
+        # does not wait for their gradients (it would fail with "parameters that were not used").
+        for name, parameter in vae.named_parameters():
+            if "time_conv" in name:
+                parameter.requires_grad_(False)
     if args.gradient_checkpointing:
+        if not getattr(vae, "_supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"--gradient_checkpointing: diffusers does not implement gradient checkpointing for "
+                f"{type(vae).__name__}. Drop the flag, or lower --train_batch_size / --resolution / --num_frames."
+            )
         vae.enable_gradient_checkpointing()
     return [p for p in vae.parameters() if p.requires_grad]
 
