@@ -126,7 +126,8 @@ def _fold_frames(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         raise ValueError(f"Expected images/latents (N, C, H, W) or videos (N, C, T, H, W), got {tuple(x.shape)}.")
     n, c, t = x.shape[:3]
     folded = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, *x.shape[-2:])
-    return folded, lambda y: y.reshape(n, t, c, *y.shape[-2:]).permute(0, 2, 1, 3, 4)
+    # The inverse reads the channel count off its input: projections and feature extractors change it.
+    return folded, lambda y: y.reshape(n, t, y.shape[1], *y.shape[-2:]).permute(0, 2, 1, 3, 4)
 
 
 def resize_spatial(x: Tensor, size: tuple[int, int], antialias: bool = True) -> Tensor:
