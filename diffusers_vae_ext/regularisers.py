@@ -440,6 +440,11 @@ class VisionFoundationAlignment(nn.Module):
     resize costs nothing backward. (LightningDiT instead feeds DINOv2 224 px images so that its 16x16 grid equals
     an f16 latent of a 256 px image; `VisionFeatureExtractor(images, grid=...)` does that when asked.)
 
+    Memory: S has (h * w)^2 entries per sample (1 GiB in float32 for a 128x128 latent), so above
+    `distmat_max_positions` positions the distance-matrix term compares average-pooled maps (the cosine term stays at
+    full resolution). LightningDiT's f16 latents of 256 px images have 256 positions; the default 4096 (a 64x64
+    latent) keeps the exact formula up to 512 px at f8.
+
     Videos: latents (N, C, T, h, w) against features (N, D, T, h', w') of the frames matching the latent frames
     (e.g. `x[:, :, ::temporal_factor]` for causal video VAEs); positions are compared within each frame.
 
@@ -456,6 +461,7 @@ class VisionFoundationAlignment(nn.Module):
         distmat_margin: float = 0.25,
         cos_weight: float = 1.0,
         distmat_weight: float = 1.0,
+        distmat_max_positions: int = 4096,
     ):
         super().__init__()
         self.proj = nn.Conv2d(latent_channels, feature_dim, kernel_size=1, bias=False)
@@ -463,6 +469,7 @@ class VisionFoundationAlignment(nn.Module):
         self.distmat_margin = distmat_margin
         self.cos_weight = cos_weight
         self.distmat_weight = distmat_weight
+        self.distmat_max_positions = distmat_max_positions
 
     def project(self, z: Tensor) -> Tensor:
         """proj(z), frame by frame for 5-D latents; same layout as `z` with `feature_dim` channels."""
@@ -490,10 +497,17 @@ class VisionFoundationAlignment(nn.Module):
             )
         projected, _ = _fold_frames(self.project(z))
         target, _ = _fold_frames(features.detach())
+        projected = projected.float()
         target = resize_spatial(target.float(), projected.shape[-2:], antialias=True)
-        projected = F.normalize(projected.float().flatten(2), dim=1)  # (B, D, positions), unit vectors
+        cos_zf = F.cosine_similarity(projected, target, dim=1)  # (B, h, w)
+        cos = F.relu(1.0 - self.cos_margin - cos_zf).mean()
+        positions = projected.shape[-2] * projected.shape[-1]
+        if positions > self.distmat_max_positions:
+            stride = math.ceil(math.sqrt(positions / self.distmat_max_positions))
+            projected = F.avg_pool2d(projected, stride, ceil_mode=True)
+            target = F.avg_pool2d(target, stride, ceil_mode=True)
+        projected = F.normalize(projected.flatten(2), dim=1)  # (B, D, positions), unit vectors
         target = F.normalize(target.flatten(2), dim=1)
-        cos = F.relu(1.0 - self.cos_margin - (projected * target).sum(dim=1)).mean()
         similarity_z = projected.transpose(1, 2) @ projected
         similarity_f = target.transpose(1, 2) @ target
         distmat = F.relu((similarity_z - similarity_f).abs() - self.distmat_margin).mean()

@@ -279,6 +279,22 @@ def test_vf_loss_is_zero_when_projected_latents_equal_the_features():
 
 def test_vf_features_are_resized_to_the_latent_grid_and_videos_align_per_frame():
     align = VisionFoundationAlignment(4, 16)
+    # Features on a coarser grid are upsampled to the latent grid (not the latents downsampled): the cosine term
+    # then compares every latent position with the bilinear features there.
+    z, features = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 4, 4)
+    align.cos_margin = 0.0
+    _, terms = align(z, features, return_terms=True)
+    projected, upsampled = align.project(z), resize_spatial(features, (8, 8))
+    expected = (1 - F.cosine_similarity(projected, upsampled, dim=1)).mean()
+    assert terms["vf_cos"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # Above distmat_max_positions the distance matrix compares pooled maps: same value as pooling by hand.
+    pooled = VisionFoundationAlignment(4, 16, cos_margin=0.0, distmat_margin=0.0, distmat_max_positions=16)
+    pooled.load_state_dict(align.state_dict())
+    _, terms = pooled(z, features, return_terms=True)
+    zp = F.normalize(F.avg_pool2d(projected, 2).flatten(2), dim=1)
+    fp = F.normalize(F.avg_pool2d(upsampled, 2).flatten(2), dim=1)
+    expected = (zp.transpose(1, 2) @ zp - fp.transpose(1, 2) @ fp).abs().mean()
+    assert terms["vf_distmat"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert align(torch.randn(2, 4, 8, 8), torch.randn(2, 16, 6, 6)).ndim == 0
     assert align(torch.randn(1, 4, 2, 8, 8), torch.randn(1, 16, 2, 4, 4)).ndim == 0
     with pytest.raises(ValueError, match="frame"):
