@@ -74,6 +74,7 @@ REGULARISER_DEFAULTS: dict[str, dict] = {
             "antialias": True,
         },
         "paper_recipe": {"kl_weight": 1e-6, "disc_weight": 0.5, "learning_rate": 4.5e-6, "epochs": 5},
+        "ours": ["antialias (EQ-VAE's code resizes with plain bilinear)", "p_prior read as the README defines it"],
     },
     "scale_equivariance": {
         "flag": "--scale_equivariance",
@@ -83,6 +84,7 @@ REGULARISER_DEFAULTS: dict[str, dict] = {
             "images (an extra reconstruction term); 10-20k fine-tuning steps in the paper."
         ),
         "defaults": {"factors": list(SCALE_EQUIVARIANCE_FACTORS), "weight": 1.0, "antialias": True},
+        "ours": ["weight 1.0 (the paper's weight was not checked here)", "antialias"],
     },
     "align": {
         "flag": "--align_to PATH / --align_weight",
@@ -100,6 +102,7 @@ REGULARISER_DEFAULTS: dict[str, dict] = {
             "adaptive": True,
             "max_adaptive_weight": 1e8,
         },
+        "ours": ["ImageNet normalisation of the vision model's input", "features resized to the latent grid"],
     },
     "latent_noise": {
         "flag": "--latent_noise SIGMA",
@@ -109,6 +112,7 @@ REGULARISER_DEFAULTS: dict[str, dict] = {
             "sample from [0, SIGMA] in units of the latent's own std."
         ),
         "defaults": {"sigma": 0.1, "relative": True},
+        "ours": ["sigma 0.1, uniform per sample, relative to the latent's std"],
     },
 }
 
