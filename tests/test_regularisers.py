@@ -141,6 +141,12 @@ def test_resume_from_generator_state_draws_the_same_transforms():
     resumed = torch.Generator()
     resumed.set_state(state)
     assert [sample_equivariance_transform(resumed) for _ in range(10)] == expected
+    # Every outcome consumes the same five uniforms, so changing p_prior does not shift later draws.
+    for p_prior in (0.0, 1.0):
+        drawn, reference = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        sample_equivariance_transform(drawn, p_prior=p_prior)
+        torch.rand(5, generator=reference, dtype=torch.float64)
+        assert torch.equal(drawn.get_state(), reference.get_state())
 
 
 # --------------------------------------------------------------------------------------------- scale equivariance
@@ -246,6 +252,21 @@ def test_augment_latents_is_deterministic_per_sample_and_relative():
     a.sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))  # the noise is additive: identity gradient to the encoder
     assert augment_latents(z, 0.0) is z
+    # Two ranks, each with the same generator state and its half of the batch, add what one process adds.
+    whole = augment_latents(z.detach(), 0.3, torch.Generator().manual_seed(5))
+    halves = [
+        augment_latents(
+            z.detach()[k * 32 : (k + 1) * 32],
+            0.3,
+            torch.Generator().manual_seed(5),
+            global_batch_size=64,
+            offset=k * 32,
+        )
+        for k in range(2)
+    ]
+    assert torch.equal(torch.cat(halves), whole)
+    with pytest.raises(ValueError, match="global batch"):
+        augment_latents(z, 0.3, global_batch_size=64, offset=1)
     half = augment_latents(z.detach().to(torch.bfloat16), 0.1, torch.Generator().manual_seed(0))
     assert half.dtype == torch.bfloat16
 
