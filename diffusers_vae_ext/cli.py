@@ -348,6 +348,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             patch_size=args.patch_size,
             seed=args.seed,
             show_progress=not args.no_progress,
+            diffusability=args.diffusability,
+            probe_steps=args.probe_steps,
+            probe_samples=args.probe_samples,
         )
     except (OSError, ValueError) as err:  # OSError: diffusers' "no such model folder or repo"
         print(f"error: {err}", file=sys.stderr)
@@ -572,6 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="posterior samples for the suggested scaling_factor")
     evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     evaluate.add_argument("--screenshot", action="store_true", help="also render report.png with headless Chromium")
+    evaluate.add_argument(
+        "--diffusability",
+        action="store_true",
+        help="also measure how easily a diffusion model learns each VAE's latents (docs/diffusability.md)",
+    )
+    evaluate.add_argument("--probe_steps", type=int, default=None, help="training steps of the diffusability probe")
+    evaluate.add_argument(
+        "--probe_samples", type=int, default=16, help="probe samples decoded into a grid (and FID); 0: none"
+    )
     evaluate.add_argument("--no_progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_cmd_eval)
 

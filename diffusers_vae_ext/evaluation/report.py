@@ -35,6 +35,15 @@ METRIC_HELP = {
     "KL": "KL divergence of the posterior to N(0, I), summed over the latent; how much information the latent "
     "carries beyond the prior (the VAE's regulariser). n/a for deterministic autoencoders (AutoencoderDC, "
     "AutoencoderTiny): they have no posterior.",
+    "probe_loss": "diffusability probe (--diffusability): held-out flow-matching loss of a small UNet trained for a "
+    "fixed budget on the per-element standardised latents, relative to the best per-element Gaussian predictor at "
+    "the same t, mean over t; 1.0 = no usable structure found, lower = easier for a diffusion model to learn. "
+    "Comparable across VAEs at the same budget and image set (docs/diffusability.md).",
+    "HF energy": "share of the per-channel standardised spectral power in the upper half of radial frequencies, of "
+    "the latents and of the images resized to the latent grid; latents much rougher than their images are harder to "
+    "denoise. White noise gives about 0.75.",
+    "sample FID": "FID of images decoded from the probe's samples against the evaluated images (count beside it): "
+    "a tiny, fixed-budget gFID; compare only at the same budget and counts.",
     "scaling_factor": "1 / std of posterior samples: the factor that gives a diffusion model unit-variance latents. "
     "'scaled std' is the std the current config gives; about 1 means the latent space is well scaled.",
 }
@@ -98,6 +107,63 @@ def _drop_empty_columns(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in row.items() if k not in empty} for row in rows]
 
 
+def diffusability_rows(result: EvalResult) -> list[dict[str, str]]:
+    """The diffusability table (one row per VAE) as display strings; empty without --diffusability."""
+    if not isinstance(result.settings.get("diffusability"), dict):
+        return []
+    rows = []
+    for vae in result.vaes:
+        record = vae.diffusability or {}
+        if "skipped" in record:
+            rows.append({"VAE": vae.label, "probe_loss": "skipped: " + record["skipped"].splitlines()[0],
+                         "HF energy latents": "n/a", "HF energy images": "n/a", "sample FID": "n/a",
+                         "probe latents": "n/a", "seconds": "n/a"})  # fmt: skip
+            continue
+        settings = record.get("settings", {})
+        fid = record.get("sample_fid")
+        rows.append(
+            {
+                "VAE": vae.label,
+                "probe_loss": _number(record.get("probe_loss"), 3),
+                "HF energy latents": _number(record.get("high_frequency_energy"), 3),
+                "HF energy images": _number(record.get("image_high_frequency_energy"), 3),
+                "sample FID": "n/a" if fid is None else f"{fid:.1f} (n={record.get('sample_fid_count')})",
+                "probe latents": f"{settings.get('num_train')} + {settings.get('num_held_out')} held out, "
+                f"{'x'.join(str(d) for d in settings.get('probe_shape', []))}, {settings.get('steps')} steps",
+                "seconds": _number(record.get("seconds"), 1),
+            }
+        )
+    return rows
+
+
+def _diffusability_markdown(result: EvalResult) -> list[str]:
+    rows = diffusability_rows(result)
+    if not rows:
+        return []
+    plots = result.settings["diffusability"].get("plots", {})
+    lines = [
+        "",
+        "## Diffusability",
+        "",
+        "probe_loss: held-out loss of a small flow-matching UNet relative to the per-element Gaussian optimum "
+        "(1.0 = nothing learned, lower = easier to diffuse); HF energy: share of spectral power in the upper half "
+        "of radial frequencies (white noise ~0.75).",
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "|".join("---" for _ in rows[0]) + "|",
+    ]
+    lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+    lines.append("")
+    for key, title in (("spectrum", "Spectrum"), ("loss_curve", "Probe loss per t")):
+        if key in plots:
+            lines.append(f"![{title}]({plots[key]})")
+    for vae in result.vaes:
+        grid = (vae.diffusability or {}).get("sample_grid")
+        if grid:
+            lines.append(f"![{vae.label} probe samples]({grid})")
+    return lines
+
+
 def write_markdown(result: EvalResult, path: str | Path | None = None) -> str:
     """The summary table in Markdown (for a model card), with how it was measured. Written to `path` if given."""
     rows = _drop_empty_columns(summary_rows(result))
@@ -117,6 +183,7 @@ def write_markdown(result: EvalResult, path: str | Path | None = None) -> str:
             "",
             f"rFID over {settings['num_images']} images: small sets give large values; compare like with like.",
         ]
+    lines += _diffusability_markdown(result)
     text = "\n".join(lines) + "\n"
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")
@@ -345,6 +412,46 @@ def _latent_section(result: EvalResult) -> str:
     return "".join(out)
 
 
+def _diffusability_section(result: EvalResult) -> str:
+    rows = diffusability_rows(result)
+    if not rows:
+        return ""
+    plots = result.settings["diffusability"].get("plots", {})
+    headers = list(rows[0])
+    out = [
+        '<h2 id="diffusability">Diffusability</h2>',
+        '<p class="meta">How easily a diffusion model learns each latent space, on the posterior draws of the images '
+        "above: a small diffusers UNet2DModel trained with flow matching for a fixed budget on per-element "
+        "standardised latents; probe_loss is its held-out loss relative to the best per-element Gaussian predictor "
+        "(1.0 = nothing learned, lower = easier). HF energy: share of spectral power in the upper half of radial "
+        "frequencies, latents vs the images at latent resolution. See docs/diffusability.md.</p>",
+        '<table class="sortable" id="diffusability-table"><thead><tr>',
+        "".join(
+            f'<th class="{"text" if h in ("VAE", "probe latents") else ""}">{html.escape(h)}</th>' for h in headers
+        ),
+        "</tr></thead><tbody>",
+    ]
+    for row in rows:
+        cells = "".join(
+            _cell(value, None, "text" if key in ("VAE", "probe latents") or value.startswith("skipped") else "")
+            for key, value in row.items()
+        )
+        out.append(f"<tr>{cells}</tr>")
+    out.append("</tbody></table>")
+    for key, alt in (("spectrum", "spectra of latents and images"), ("loss_curve", "probe loss per t")):
+        if key in plots:
+            out.append(f'<img src="{html.escape(plots[key])}" alt="{alt}" style="max-width:48%;margin-right:1%">')
+    for vae in result.vaes:
+        grid = (vae.diffusability or {}).get("sample_grid")
+        if grid:
+            out.append(
+                f"<p><b>{html.escape(vae.label)}</b>: samples of the probe, decoded</p>"
+                f'<img src="{html.escape(grid)}" alt="{html.escape(vae.label)} probe samples" '
+                'style="image-rendering:pixelated;max-width:100%">'
+            )
+    return "".join(out)
+
+
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.5g}"
@@ -380,6 +487,7 @@ same for every VAE so their maps compare; sorting an error column sorts by the m
 {_image_table(result)}
 {_half_precision_section(result)}
 {_latent_section(result)}
+{_diffusability_section(result)}
 {skipped}
 <h2>What the numbers mean</h2>
 <dl>{help_items}</dl>

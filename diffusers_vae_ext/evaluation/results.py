@@ -49,7 +49,9 @@ class VAEResult:
 
     `metrics` maps psnr/ssim/lpips/kl to their summaries (None when not measured); `latent` holds the latent
     statistics, the current and suggested scaling; `half_precision` the `fp16.HalfPrecisionReport`s; `seconds`
-    the time spent in the VAE itself.
+    the time spent in the VAE itself;
+    `diffusability` the `diffusability.DiffusabilityResult.to_dict()` (plus the sample grid, sample FID and
+    plots) or `{"skipped": reason}`, with `--diffusability`.
     """
 
     label: str
@@ -61,6 +63,7 @@ class VAEResult:
     latent: dict[str, Any] = field(default_factory=dict)
     half_precision: list[Any] = field(default_factory=list)
     seconds: float = 0.0
+    diffusability: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,7 @@ class VAEResult:
             "latent": self.latent,
             "half_precision": [r.to_dict() for r in self.half_precision],
             "seconds": self.seconds,
+            "diffusability": self.diffusability,
         }
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..autoencoders import as_autoencoder
 from ..conventions import pipeline_statistics_updates
@@ -97,6 +98,11 @@ class _Measurement:
         self.scaled = LatentStatistics(num_channels=channels, sample_posterior=self.adapter.has_posterior)
         self.features: list[np.ndarray] = []
         self.seconds = 0.0
+        # With --diffusability: the posterior draws (what a diffusion model trains on) and the images at the
+        # latents' resolution (area-averaged, small enough to keep for any number of images).
+        self.keep_latents = False
+        self.latents: list[torch.Tensor] = []
+        self.small_images: list[torch.Tensor] = []
 
     @torch.no_grad()
     def reconstruct(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -146,6 +152,9 @@ class _Measurement:
         self.scaled.update(_from_video(self.adapter, self.adapter.scale(_as_video(self.adapter, samples))))
         if inception is not None:
             self.features.append(inception(_rgb(reconstruction)).double().numpy())
+        if self.keep_latents:
+            self.latents.append(samples)
+            self.small_images.append(F.adaptive_avg_pool2d(_rgb(pixels), tuple(samples.shape[-2:])))
 
         channel_mean, channel_std = mean.flatten(2).mean(2), mean.flatten(2).std(2, unbiased=False)
         rows = []
@@ -260,6 +269,9 @@ def evaluate(
     seed: int = 0,
     save_patches: bool = True,
     show_progress: bool = True,
+    diffusability: bool = False,
+    probe_steps: int | None = None,
+    probe_samples: int = 16,
 ) -> EvalResult:
     """Evaluate `vaes` on a set of images and write `metrics.jsonl`, `metrics.csv`, `summary.json` and the PNGs.
 
@@ -279,6 +291,12 @@ def evaluate(
         seed: seed of the posterior samples behind the suggested `scaling_factor` (one seed per image).
         save_patches: write the crop and heat-map PNGs.
         show_progress: a tqdm bar over images.
+        diffusability: after the reconstructions, also measure how easily a diffusion model learns each VAE's
+            latents (`diffusers_vae_ext.diffusability`: spectrum, probe loss, samples) on the posterior draws of
+            the evaluated images. The rows and a first summary.json are on disk before the probe starts.
+        probe_steps: the probe's training steps (default: `measure_diffusability`'s).
+        probe_samples: samples drawn from each probe, decoded and shown as a grid (FID against the images with
+            `inception_weights`); 0 for none.
     """
     from tqdm.auto import tqdm
 
@@ -307,6 +325,8 @@ def evaluate(
     columns += [f"latent_mean_{c}" for c in range(max_channels)] + [f"latent_std_{c}" for c in range(max_channels)]
     writer = _RowWriter(output_dir, columns)
     measurements = [_Measurement(entry, seed) for entry in entries]
+    for measurement in measurements:
+        measurement.keep_latents = diffusability
     slugs = _unique_slugs(entries)
     original_features: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
@@ -389,11 +409,26 @@ def evaluate(
         "fp16_images": sum(p.shape[0] for p in fp16_pixels),
         "seed": seed,
         "device": str(next(entries[0].adapter.vae.parameters()).device),
+        "diffusability": diffusability,
     }
     result = EvalResult(results, rows, patches, skipped, settings, output_dir, time.perf_counter() - started)
-    summary = json.dumps(_json_safe(result.to_dict()), indent=2, default=str, allow_nan=False)
-    (output_dir / "summary.json").write_text(summary + "\n", encoding="utf-8")
+    _write_summary(result)
+    if diffusability:
+        # The reconstruction rows and summary are on disk: an interrupted probe loses none of them.
+        from .diffusability import measure_all
+
+        settings["diffusability"] = measure_all(
+            measurements, results, slugs, output_dir, original_features, inception, probe_steps, probe_samples,
+            seed, show_progress,
+        )  # fmt: skip
+        result.seconds = time.perf_counter() - started
+        _write_summary(result)
     return result
+
+
+def _write_summary(result: EvalResult) -> None:
+    summary = json.dumps(_json_safe(result.to_dict()), indent=2, default=str, allow_nan=False)
+    (result.output_dir / "summary.json").write_text(summary + "\n", encoding="utf-8")
 
 
 def _plain(value: Any) -> Any:
