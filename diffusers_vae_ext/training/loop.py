@@ -16,6 +16,7 @@ from .. import fp16_safe, losses
 from ..autoencoders import as_autoencoder
 from ..hardware import choose_path, describe_path
 from ..modeling import AutoencoderKL
+from ..regularisers import encoder_last_layer, load_vision_model
 from .arguments import parse_args, resolve_mixed_precision
 from .checkpoints import StopRequested, register_ema_checkpointing, resume_state, save_checkpoint
 from .clips import clip_dataloader, training_clips, validation_clips_batch
@@ -31,7 +32,14 @@ from .model import (
     prepare_for_training,
     trains_on_clips,
 )
-from .objective import discriminator_input, discriminator_loss_fn, generator_loss
+from .objective import (
+    build_alignment,
+    discriminator_input,
+    discriminator_loss_fn,
+    draw_regularisers,
+    generator_loss,
+    vision_features,
+)
 from .output import recompute_scaling_factor
 from .validation import plot_loss_curve, validate
 
@@ -84,6 +92,8 @@ def train(args: argparse.Namespace) -> Path:
 
     output_dir = Path(args.output_dir)
     accelerator, report_to = create_accelerator(args)
+    # --align_to: the frozen vision model is read first, so a wrong folder stops the run before any other work.
+    vision = load_vision_model(args.align_to, device=accelerator.device) if args.align_to else None
 
     # ---- model (any class the adapter loads) and its data: images, or clips for video classes; bad input fails
     # here, before any training
@@ -126,12 +136,18 @@ def train(args: argparse.Namespace) -> Path:
         discriminator = patchgan(in_channels=adapter.out_channels, num_layers=args.disc_layers)
         discriminator.train()
 
+    alignment = build_alignment(adapter.latent_channels, vision) if vision is not None else None
+    # The VF projection trains with the autoencoder (same optimiser); it is saved in the checkpoints, not the output.
+    trained_parameters = vae_parameters + (list(alignment.parameters()) if alignment is not None else [])
+
     # ---- optimisers and schedulers (steps counted per process, as in diffusers' examples)
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     betas = (args.adam_beta1, args.adam_beta2)
-    optimizer = torch.optim.AdamW(vae_parameters, lr=learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
+    optimizer = torch.optim.AdamW(
+        trained_parameters, lr=learning_rate, betas=betas, weight_decay=args.adam_weight_decay
+    )
     scheduler_steps = dict(
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
@@ -157,6 +173,8 @@ def train(args: argparse.Namespace) -> Path:
         training_forward, optimizer, dataloader, lr_scheduler = accelerator.prepare(
             training_forward, optimizer, dataloader, lr_scheduler
         )
+    if alignment is not None:  # prepared last, so the checkpoint's model_0/model_1 keep their meaning
+        alignment = accelerator.prepare(alignment)
     if ema is not None:
         ema.to(accelerator.device)
         register_ema_checkpointing(accelerator, ema)
@@ -164,6 +182,7 @@ def train(args: argparse.Namespace) -> Path:
     unwrapped_vae = accelerator.unwrap_model(training_forward).vae
     unwrapped_disc = accelerator.unwrap_model(discriminator) if discriminator is not None else None
     last_layer = last_decoder_layer(unwrapped_vae)
+    encoder_layer = encoder_last_layer(unwrapped_vae) if alignment is not None else None
     if clips:
         validation_pixels = validation_clips_batch(
             validation_images, resolution, args.num_validation_images, args.resize_to
@@ -172,7 +191,6 @@ def train(args: argparse.Namespace) -> Path:
         validation_pixels = validation_batch(
             validation_images, resolution, channels, args.num_validation_images, args.resize_to
         )
-    num_pixels = channels * resolution * resolution * (validation_pixels.shape[2] if clips else 1)
     d_loss_fn = discriminator_loss_fn(args.disc_loss)
 
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
@@ -226,14 +244,24 @@ def train(args: argparse.Namespace) -> Path:
                 models = [training_forward] + ([discriminator] if discriminator is not None else [])
                 with accelerator.accumulate(*models):
                     # ---------------- generator step
+                    regularise = draw_regularisers(args, step, micro_step, accelerator.process_index)
+                    if regularise.transform is not None and regularise.transform.input_only:
+                        # EQ-VAE's low-resolution prior preservation: a plain step on a rescaled image.
+                        pixels = regularise.transform.apply_image(pixels, adapter.spatial_factor)
                     noise = None
                     if adapter.has_posterior and teacher is None:
                         shape = latent_shape(adapter, pixels.shape)
                         noise = posterior_noise(shape, args.seed, step, micro_step, accelerator.process_index)
                         noise = noise.to(accelerator.device)
-                    output = training_forward(pixels, noise)
+                    output = training_forward(pixels, noise, **regularise.forward_kwargs())
                     reconstructions, moments = output.reconstructions.float(), output.moments
                     target = pixels if output.pixel_target is None else output.pixel_target
+                    features = None
+                    if alignment is not None:
+                        features = vision_features(vision, pixels, adapter.temporal_factor)
+                    scale_pair = None
+                    if output.scale_reconstructions is not None:
+                        scale_pair = (output.scale_target, output.scale_reconstructions.float())
                     adversarial = discriminator is not None and step >= args.disc_start
                     loss, logs = generator_loss(
                         target,
@@ -241,14 +269,20 @@ def train(args: argparse.Namespace) -> Path:
                         moments,
                         step,
                         args,
-                        num_pixels=num_pixels,
+                        num_pixels=target[0].numel(),  # tau(x) on --equivariance steps is smaller
                         autocast=accelerator.autocast,
                         lpips=lpips,
                         discriminator=unwrapped_disc if adversarial else None,
                         last_layer=last_layer,
                         has_posterior=adapter.has_posterior,
                         latent_target=output.latent_target,
+                        scale_pair=scale_pair,
+                        alignment=alignment,
+                        latents=output.latents,
+                        features=features,
+                        encoder_layer=encoder_layer,
                     )
+                    logs.update(regularise.logs())
                     if recipe is not None:
                         loss, recipe_logs = recipe.loss(pixels, noise, reconstructions, moments)
                         logs.update(recipe_logs)
@@ -257,7 +291,7 @@ def train(args: argparse.Namespace) -> Path:
                     if finite:
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and args.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(vae_parameters, args.max_grad_norm)
+                            accelerator.clip_grad_norm_(trained_parameters, args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -266,7 +300,9 @@ def train(args: argparse.Namespace) -> Path:
                     if adversarial and finite:
                         # One forward on both halves: DDP allows one forward per backward.
                         with accelerator.autocast():
-                            real_and_fake = torch.cat([pixels, reconstructions.detach().to(pixels.dtype)])
+                            # Real images of the reconstructions' size: tau(x) on --equivariance steps.
+                            real = pixels if teacher is not None else target
+                            real_and_fake = torch.cat([real, reconstructions.detach().to(pixels.dtype)])
                             logits = discriminator(discriminator_input(real_and_fake, args.disc_3d))
                         logits_real, logits_fake = logits.float().chunk(2)
                         d_loss = d_loss_fn(logits_real, logits_fake)
