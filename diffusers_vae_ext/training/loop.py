@@ -38,6 +38,7 @@ from .objective import (
     discriminator_loss_fn,
     draw_regularisers,
     generator_loss,
+    patchgan_fits,
     vision_features,
 )
 from .output import recompute_scaling_factor
@@ -263,6 +264,8 @@ def train(args: argparse.Namespace) -> Path:
                     if output.scale_reconstructions is not None:
                         scale_pair = (output.scale_target, output.scale_reconstructions.float())
                     adversarial = discriminator is not None and step >= args.disc_start
+                    # A small --equivariance target can be below the PatchGAN's smallest input: no GAN that step.
+                    adversarial = adversarial and patchgan_fits(target, args.disc_layers)
                     loss, logs = generator_loss(
                         target,
                         reconstructions,

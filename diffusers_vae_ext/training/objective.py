@@ -90,7 +90,7 @@ def generator_loss(
     rec = losses.reconstruction_loss(pixels.float(), reconstructions, args.rec_loss)
     nll = rec
     logs = {"rec_per_pixel": rec.item() / num_pixels}
-    if lpips is not None:
+    if lpips is not None and min(pixels.shape[-2:]) >= LPIPS_MIN_SIDE:  # small --equivariance targets: no LPIPS
         with autocast():
             perceptual = lpips(frames_as_images(pixels), frames_as_images(reconstructions)).float().mean()
         # LDM adds LPIPS to every pixel's loss, so it is summed over pixels like the rest.
@@ -136,6 +136,15 @@ def generator_loss(
         loss = loss + d_weight * g_loss
         logs.update(g_loss=g_loss.item(), d_weight=d_weight.item())
     return loss, logs
+
+
+def patchgan_fits(pixels: torch.Tensor, num_layers: int) -> bool:
+    """Whether the PatchGAN (`num_layers` stride-2 convolutions, then two 4x4 ones) gives at least one logit on
+    images of this size: sides of at least 3 * 2**num_layers (24 px for the default 3 layers)."""
+    return min(pixels.shape[-2:]) >= 3 * 2**num_layers
+
+
+LPIPS_MIN_SIDE = 16  # VGG16's four max-pools before relu5_3 need at least 16 px
 
 
 def discriminator_loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
