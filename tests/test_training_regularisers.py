@@ -108,13 +108,78 @@ def held_out_crops(count: int = 32, size: int = 32) -> torch.Tensor:
         image = np.stack([image] * 3, -1) if image.ndim == 2 else image
         pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 127.5 - 1
         pixels = torch.nn.functional.interpolate(
-            pixels, scale_factor=128 / min(pixels.shape[-2:]), mode="bilinear", antialias=True
+            pixels, scale_factor=256 / min(pixels.shape[-2:]), mode="bilinear", antialias=True
         )[0]
         for _ in range(count // 2):
             y = int(torch.randint(0, pixels.shape[1] - size, (1,), generator=generator))
             x = int(torch.randint(0, pixels.shape[2] - size, (1,), generator=generator))
             crops.append(pixels[:, y : y + size, x : x + size])
     return torch.stack(crops)
+
+
+# ------------------------------------------------------------------------------------------ --equivariance and
+# --scale_equivariance: the same random start (seed 0), the same steps, with and without. From scratch rather than
+# a fine-tune: at this size a short run from a few hundred plain steps barely moves the encoder (measured: EQ error
+# 0.222 -> 0.262 after 150 fine-tuning steps at lr 2e-3), while from scratch the regulariser shapes the latent space
+# as it forms (docs/training.md#regularisers has the numbers).
+STEPS, LEARNING_RATE = 200, "4e-3"
+DOWNSAMPLING = {"down_2": EquivarianceTransform((0.5, 0.5)), "down_4": EquivarianceTransform((0.25, 0.25))}
+
+
+def measure(out: Path, images: torch.Tensor) -> dict:
+    vae = AutoencoderKL.from_pretrained(out).eval()
+
+    def encode(x):
+        return vae.encode(x).latent_dist.mode()
+
+    with torch.no_grad():
+        latents = encode(images)
+        return {
+            "eq": equivariance_error(encode, images),
+            "down": equivariance_error(encode, images, transforms=DOWNSAMPLING),
+            "hf": latent_spectrum(latents).high_frequency_energy,
+            "latents": latents,
+        }
+
+
+@pytest.fixture(scope="module")
+def same_start_runs(workdir, tiny_config, photo_dir) -> dict[str, dict]:
+    images = held_out_crops(32, size=64)
+    results = {}
+    for name, flags in (("none", []), ("equivariance", ["--equivariance"]), ("scale", ["--scale_equivariance"])):
+        out = run(
+            workdir / f"same-start-{name}", tiny_config, photo_dir, *flags,
+            "--max_train_steps", str(STEPS), "--learning_rate", LEARNING_RATE, "--validation_steps", str(STEPS),
+        )  # fmt: skip
+        results[name] = measure(out, images)
+        results[name]["log"] = read_jsonl(out / "train_log.jsonl")
+        probe = measure_diffusability(results[name]["latents"], steps=40, batch_size=16, held_out=8, seed=0)
+        results[name]["probe"] = probe.probe_loss
+        print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.3f}" for k in ("eq", "down", "hf", "probe")))
+    return results
+
+
+def test_equivariance_lowers_the_equivariance_error_and_high_frequencies(same_start_runs):
+    base, eq = same_start_runs["none"], same_start_runs["equivariance"]
+    assert eq["eq"] <= 0.7 * base["eq"], (base["eq"], eq["eq"])
+    assert eq["hf"] < base["hf"], (base["hf"], eq["hf"])
+    drawn = {row["eq_transform"].split()[0] for row in eq["log"]}
+    assert drawn == {"plain", "scale", "low-res"}, drawn  # all three kinds of EQ-VAE step happened
+    print(f"probe_loss without {base['probe']:.3f}, with --equivariance {eq['probe']:.3f} (not asserted)")
+
+
+def test_scale_equivariance_lowers_the_equivariance_error(same_start_runs):
+    base, scale = same_start_runs["none"], same_start_runs["scale"]
+    # EQ-VAE's transforms (rescale 0.5, 0.75, rotation): measured 0.220 -> 0.135 here. The 2x/4x-downsampling error
+    # the term trains falls less (0.305 -> 0.243 measured: down_4 leaves 4x4 latents), so only its direction is
+    # asserted; high_frequency_energy rose in that run (0.121 -> 0.152) and is reported, not asserted.
+    assert scale["eq"] <= 0.7 * base["eq"], (base["eq"], scale["eq"])
+    assert scale["down"] < base["down"], (base["down"], scale["down"])
+    assert {row["scale_factor"] for row in scale["log"]} == {2, 4}
+    print(
+        f"high_frequency_energy without {base['hf']:.3f}, with --scale_equivariance {scale['hf']:.3f}; probe_loss "
+        f"{base['probe']:.3f} -> {scale['probe']:.3f} (not asserted)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ --align_to
