@@ -23,7 +23,8 @@ Modules, lower layers first (none imports `loop`):
 - `arguments`: `parse_args` (every argument and default), `resolve_mixed_precision`, the built-in configs;
 - `data`: training and held-out images, the training DataLoader, the posterior noise per step;
 - `model`: what is trained: `load_vae`, `VAETrainingForward` (the module the optimiser sees), EMA weights;
-- `objective`: the generator's loss (reconstruction, LPIPS, KL, adversarial) and the discriminator's;
+- `objective`: the generator's loss (reconstruction, LPIPS, KL, adversarial, the diffusability regularisers' terms
+  and their per-step draws) and the discriminator's;
 - `checkpoints`: listing, resuming, pruning and saving checkpoints, EMA inside them, Ctrl-C/SIGTERM;
 - `validation`: held-out PSNR/SSIM with a picture per validation step, the loss curve;
 - `output`: what is written into the final folder besides the weights (latent statistics);
