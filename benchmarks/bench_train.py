@@ -306,7 +306,19 @@ def regulariser_effect(folder: Path, images: torch.Tensor, probe_steps: int) -> 
     }
 
 
-def run_regularisers(steps: int, threads: int, probe_steps: int) -> None:
+def regulariser_costs(variants: dict[str, list[str]], config: Path, threads: int, rounds: int = 3) -> dict:
+    """s/step of each variant, timed round-robin (`rounds` short runs each, the fastest kept) so that a machine
+    whose load drifts over minutes weighs on every variant alike."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, flags in variants.items():
+            extra = ["--model_config", str(config), "--mixed_precision", "no", "--lr_warmup_steps", "0", *flags]
+            seconds = run_variant(extra, 40, 32, 4, threads)["seconds"]
+            best[name] = min(best.get(name, float("inf")), seconds)
+    return best
+
+
+def run_regularisers(steps: int, threads: int, probe_steps: int, timing_only: bool = False) -> None:
     from transformers import Dinov2Config, Dinov2Model
 
     torch.set_num_threads(threads)
@@ -316,11 +328,6 @@ def run_regularisers(steps: int, threads: int, probe_steps: int) -> None:
         f"32 px batch 4, lr 4e-3, fp32, {threads} threads; effects on 64 held-out 64x64 crops; probe "
         f"{probe_steps} steps"
     )
-    header = (
-        f"{'regulariser':26s} {'s/step':>7s} {'x base':>7s} {'EQ err':>7s} {'down err':>9s} {'HF share':>9s} "
-        f"{'probe':>7s} {'PSNR dB':>8s}"
-    )
-    print(header)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "tiny.json"
         config.write_text(json.dumps(REGULARISER_CONFIG))
@@ -339,6 +346,17 @@ def run_regularisers(steps: int, threads: int, probe_steps: int) -> None:
             "--align_to (random DINOv2)": ["--align_to", str(dinov2)],
             "--latent_noise (0.1)": ["--latent_noise"],
         }
+        if timing_only:
+            costs = regulariser_costs(variants, config, threads)
+            base = costs["none (L1 + KL)"]
+            print(f"{'regulariser':26s} {'s/step':>7s} {'x none':>7s}  (round-robin, fastest of 3 runs of 40 steps)")
+            for name, seconds in costs.items():
+                print(f"{name:26s} {seconds:7.3f} {seconds / base:7.2f}")
+            return
+        print(
+            f"{'regulariser':26s} {'s/step':>7s} {'x none':>7s} {'EQ err':>7s} {'down err':>9s} {'HF share':>9s} "
+            f"{'probe':>7s} {'PSNR dB':>8s}"
+        )
         base = None
         for name, flags in variants.items():
             out = Path(tmp) / name.split()[0].strip("-")
@@ -371,6 +389,9 @@ def main() -> None:
         "--regularisers", action="store_true", help="instead: each regulariser's cost per step and effect"
     )
     parser.add_argument("--probe_steps", type=int, default=150, help="--regularisers: probe budget")
+    parser.add_argument(
+        "--timing_only", action="store_true", help="--regularisers: only s/step, round-robin (robust to load drift)"
+    )
     args = parser.parse_args()
     from diffusers_vae_ext.hardware import describe_path
 
@@ -380,7 +401,7 @@ def main() -> None:
         run_classes(args.steps, args.threads)
         return
     if args.regularisers:
-        run_regularisers(args.steps if args.steps != 24 else 200, args.threads, args.probe_steps)
+        run_regularisers(args.steps if args.steps != 24 else 200, args.threads, args.probe_steps, args.timing_only)
         return
     if args.demo:
         runs = {mode: run_demo(mode, args.threads) for mode in ("auto", "no")}

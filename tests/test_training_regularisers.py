@@ -285,3 +285,23 @@ def test_resume_is_exact_with_every_regulariser(tmp_path, tiny_config, photo_dir
     final_resumed = load_file(str(resumed / "diffusion_pytorch_model.safetensors"))
     for key, value in final_whole.items():
         torch.testing.assert_close(final_resumed[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_video_class_trains_with_every_regulariser(workdir, dinov2_dir):
+    """Wan on real mp4 clips: transforms act per frame, the VF loss per latent frame (frames x[:, :, ::4])."""
+    pytest.importorskip("av", reason="video training needs PyAV (the [video] extra)")
+    from diffusers_vae_ext.video import write_pan_zoom_video
+
+    videos = workdir / "videos"
+    for photo in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"):
+        write_pan_zoom_video(videos / f"{photo}.mp4", photo, num_frames=12, size=(64, 64))
+    config = workdir / "wan.json"
+    config.write_text(json.dumps({"_class_name": "AutoencoderKLWan", **TINY_CONFIGS["AutoencoderKLWan"]}))
+    out = run(
+        workdir / "video", config, videos, "--train_batch_size", "2", "--num_frames", "5", "--max_train_steps", "4",
+        "--equivariance", "--equivariance_p_prior", "0", "--scale_equivariance", "--latent_noise",
+        "--align_to", str(dinov2_dir),
+    )  # fmt: skip
+    log = read_jsonl(out / "train_log.jsonl")
+    assert all(row["eq_transform"].startswith("scale") for row in log)  # p_prior 0: every step an EQ step
+    assert all(row["finite"] and row["vf_loss"] > 0 and row["scale_rec_per_pixel"] > 0 for row in log)
