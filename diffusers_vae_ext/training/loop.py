@@ -243,6 +243,7 @@ def train(args: argparse.Namespace) -> Path:
                 pixels = batch["pixel_values"]
                 step = global_step  # the optimisation step this micro-batch belongs to
                 models = [training_forward] + ([discriminator] if discriminator is not None else [])
+                models += [alignment] if alignment is not None else []  # no DDP sync between micro-steps
                 with accelerator.accumulate(*models):
                     # ---------------- generator step
                     regularise = draw_regularisers(args, step, micro_step, accelerator.process_index)
