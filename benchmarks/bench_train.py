@@ -12,6 +12,7 @@ the last rows are bf16 autocast and the default (`auto`: bf16 autocast where bf1
     python benchmarks/bench_train.py --steps 40 --resolution 128
     python benchmarks/bench_train.py --demo         # README command 1 in full: default vs --mixed_precision no
     python benchmarks/bench_train.py --classes      # s/step per autoencoder class: the loop vs the bare step
+    python benchmarks/bench_train.py --regularisers # each diffusability regulariser: cost per step and effect
 
 `--classes` trains every class the trainer takes (small configs, `CLASS_CONFIGS`; images at 64x64 batch 4 from the
 built-in photos, clips of 9 frames at 64x64 batch 2 from pan-and-zoom mp4s) with the real script, fp32, and times
@@ -20,6 +21,15 @@ the bare diffusers step of the same class, config, batch and seed in this proces
 the loop costs at most 10% over the bare step (its extras: data loading and decoding of clips, logging,
 non-finite checks, accelerate). The bare step runs before and after the loop and is averaged, since the load of a
 shared machine drifts.
+
+`--regularisers` trains the tests' tiny AutoencoderKL (8/16/16 channels, 4 latent channels, factor 4) from the same
+random start (seed 0) on 32 px crops of the built-in photos for `--steps` steps (default 200 here, lr 4e-3, batch 4,
+fp32) once without and once with each regulariser at its paper defaults (`--align_to`: a tiny *random* DINOv2
+built here, so its row shows the cost and the mechanics, not what real DINOv2 features do), and measures on 64
+fixed held-out 64x64 crops (`coffee`, `camera`; never trained on): the encoder's equivariance error
+(`regularisers.equivariance_error`: EQ-VAE's transforms, and 2x/4x downsampling for scale equivariance), the
+latents' `high_frequency_energy` (`diffusability.latent_spectrum`), `probe_loss` (`diffusability.measure_diffusability`
+with a short budget, `--probe_steps`, default 150) and the run's held-out PSNR.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -62,8 +73,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def run_variant(extra: list[str], steps: int, resolution: int, batch: int, threads: int) -> dict:
-    with tempfile.TemporaryDirectory() as out:
+def run_variant(
+    extra: list[str], steps: int, resolution: int, batch: int, threads: int, output_dir: Path | None = None
+) -> dict:
+    """Run the training script; `output_dir` keeps its output (default: a temporary folder, removed)."""
+    with tempfile.TemporaryDirectory() if output_dir is None else nullcontext(str(output_dir)) as out:
         argv = [
             sys.executable, str(REPO / "scripts" / "finetune_vae.py"), "--output_dir", out,
             "--max_train_steps", str(steps), "--resolution", str(resolution), "--train_batch_size", str(batch),
@@ -242,6 +256,128 @@ def run_classes(steps: int, threads: int) -> None:
             print(f"{name:28s} {params:6.2f}M {bare:12.3f} {loop:12.3f} {loop / bare:10.2f}")
 
 
+# The tests' tiny AutoencoderKL (tests/autoencoder_configs.py), so the table and tests/test_training_regularisers.py
+# describe the same model.
+REGULARISER_CONFIG = dict(
+    _class_name="AutoencoderKL", down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[8, 16, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+)  # fmt: skip
+
+
+def held_out_crops(count: int = 64, size: int = 64) -> torch.Tensor:
+    """Fixed crops of `coffee` and `camera` (not in the built-in training photos) in [-1, 1]."""
+    import numpy as np
+    from skimage import data
+
+    crops, generator = [], torch.Generator().manual_seed(0)
+    for name in ("coffee", "camera"):
+        image = getattr(data, name)()
+        image = np.stack([image] * 3, -1) if image.ndim == 2 else image
+        pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 127.5 - 1
+        pixels = torch.nn.functional.interpolate(
+            pixels, scale_factor=256 / min(pixels.shape[-2:]), mode="bilinear", antialias=True
+        )[0]
+        for _ in range(count // 2):
+            y = int(torch.randint(0, pixels.shape[1] - size, (1,), generator=generator))
+            x = int(torch.randint(0, pixels.shape[2] - size, (1,), generator=generator))
+            crops.append(pixels[:, y : y + size, x : x + size])
+    return torch.stack(crops)
+
+
+def regulariser_effect(folder: Path, images: torch.Tensor, probe_steps: int) -> dict:
+    """Equivariance errors, high-frequency share and probe loss of the trained VAE in `folder` on `images`."""
+    from diffusers_vae_ext.diffusability import latent_spectrum, measure_diffusability
+    from diffusers_vae_ext.modeling import AutoencoderKL
+    from diffusers_vae_ext.regularisers import EquivarianceTransform, equivariance_error
+
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+
+    def encode(x):
+        return vae.encode(x).latent_dist.mode()
+
+    down = {"down_2": EquivarianceTransform((0.5, 0.5)), "down_4": EquivarianceTransform((0.25, 0.25))}
+    with torch.no_grad():
+        latents = encode(images)
+        eq = equivariance_error(encode, images)
+        scale = equivariance_error(encode, images, transforms=down)
+    probe = measure_diffusability(latents, steps=probe_steps, batch_size=16, seed=0)
+    return {
+        "eq": eq,
+        "down": scale,
+        "hf": latent_spectrum(latents).high_frequency_energy,
+        "probe": probe.probe_loss,
+    }
+
+
+def regulariser_costs(variants: dict[str, list[str]], config: Path, threads: int, rounds: int = 3) -> dict:
+    """s/step of each variant, timed round-robin (`rounds` short runs each, the fastest kept) so that a machine
+    whose load drifts over minutes weighs on every variant alike."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, flags in variants.items():
+            extra = ["--model_config", str(config), "--mixed_precision", "no", "--lr_warmup_steps", "0", *flags]
+            seconds = run_variant(extra, 40, 32, 4, threads)["seconds"]
+            best[name] = min(best.get(name, float("inf")), seconds)
+    return best
+
+
+def run_regularisers(steps: int, threads: int, probe_steps: int, timing_only: bool = False) -> None:
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.set_num_threads(threads)
+    images = held_out_crops()
+    print(
+        f"tiny AutoencoderKL (8/16/16, 4 latent channels, factor 4) from the same random start, {steps} steps, "
+        f"32 px batch 4, lr 4e-3, fp32, {threads} threads; effects on 64 held-out 64x64 crops; probe "
+        f"{probe_steps} steps"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "tiny.json"
+        config.write_text(json.dumps(REGULARISER_CONFIG))
+        dinov2 = Path(tmp) / "dinov2"
+        torch.manual_seed(0)
+        Dinov2Model(
+            Dinov2Config(
+                hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=4,
+                image_size=32,
+            )
+        ).save_pretrained(dinov2, safe_serialization=True)  # fmt: skip
+        variants = {
+            "none (L1 + KL)": [],
+            "--equivariance": ["--equivariance"],
+            "--scale_equivariance": ["--scale_equivariance"],
+            "--align_to (random DINOv2)": ["--align_to", str(dinov2)],
+            "--latent_noise (0.1)": ["--latent_noise"],
+        }
+        if timing_only:
+            costs = regulariser_costs(variants, config, threads)
+            base = costs["none (L1 + KL)"]
+            print(f"{'regulariser':26s} {'s/step':>7s} {'x none':>7s}  (round-robin, fastest of 3 runs of 40 steps)")
+            for name, seconds in costs.items():
+                print(f"{name:26s} {seconds:7.3f} {seconds / base:7.2f}")
+            return
+        print(
+            f"{'regulariser':26s} {'s/step':>7s} {'x none':>7s} {'EQ err':>7s} {'down err':>9s} {'HF share':>9s} "
+            f"{'probe':>7s} {'PSNR dB':>8s}"
+        )
+        base = None
+        for name, flags in variants.items():
+            out = Path(tmp) / name.split()[0].strip("-")
+            extra = [
+                "--model_config", str(config), "--mixed_precision", "no", "--learning_rate", "4e-3",
+                "--lr_warmup_steps", "0", "--validation_steps", str(steps), *flags,
+            ]  # fmt: skip
+            seconds = run_variant(extra, steps, 32, 4, threads, output_dir=out)["seconds"]
+            base = base or seconds
+            effect = regulariser_effect(out, images, probe_steps)
+            psnr = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line][-1]["psnr"]
+            print(
+                f"{name:26s} {seconds:7.3f} {seconds / base:7.2f} {effect['eq']:7.3f} {effect['down']:9.3f} "
+                f"{effect['hf']:9.3f} {effect['probe']:7.3f} {psnr:8.2f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
@@ -252,6 +388,13 @@ def main() -> None:
         "--demo", action="store_true", help="instead: README command 1 in full, default vs --mixed_precision no"
     )
     parser.add_argument("--classes", action="store_true", help="instead: s/step per autoencoder class vs bare step")
+    parser.add_argument(
+        "--regularisers", action="store_true", help="instead: each regulariser's cost per step and effect"
+    )
+    parser.add_argument("--probe_steps", type=int, default=150, help="--regularisers: probe budget")
+    parser.add_argument(
+        "--timing_only", action="store_true", help="--regularisers: only s/step, round-robin (robust to load drift)"
+    )
     args = parser.parse_args()
     from diffusers_vae_ext.hardware import describe_path
 
@@ -259,6 +402,9 @@ def main() -> None:
     print(f"path: {describe_path()}; load average {os.getloadavg()}")
     if args.classes:
         run_classes(args.steps, args.threads)
+        return
+    if args.regularisers:
+        run_regularisers(args.steps if args.steps != 24 else 200, args.threads, args.probe_steps, args.timing_only)
         return
     if args.demo:
         runs = {mode: run_demo(mode, args.threads) for mode in ("auto", "no")}

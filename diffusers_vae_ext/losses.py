@@ -208,16 +208,20 @@ def generator_adversarial_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, disc_weight: float) -> Tensor:
-    """LDM's balance of the adversarial term: ||d nll/d W|| / (||d g/d W|| + 1e-4), clamped to [0, 1e4], detached,
-    times `disc_weight`; W is the decoder's last layer weight (e.g. `vae.decoder.conv_out.weight`).
+def adaptive_weight(
+    nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, disc_weight: float, max_weight: float = 1e4
+) -> Tensor:
+    """LDM's balance of the adversarial term: ||d nll/d W|| / (||d g/d W|| + 1e-4), clamped to [0, max_weight],
+    detached, times `disc_weight`; W is the decoder's last layer weight (e.g. `vae.decoder.conv_out.weight`).
 
+    The same balance weighs other auxiliary terms: VA-VAE's alignment loss takes it at the encoder's last layer
+    with `max_weight=1e8` (see `diffusers_vae_ext.regularisers.vf_adaptive_weight`).
     The graph is retained so the caller can still backpropagate the total loss.
     """
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-    return torch.clamp(weight, 0.0, 1e4).detach() * disc_weight
+    return torch.clamp(weight, 0.0, max_weight).detach() * disc_weight
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ Modules, lower layers first (none imports `loop`):
   `VAETrainingForward` (the module the optimiser sees: posterior or deterministic latents, 4-D or 5-D, decoder-only,
   distillation against `load_teacher`), EMA weights;
 - `objective`: the generator's loss (reconstruction, LPIPS per frame, KL where the class has a posterior,
-  adversarial on frames or clips, distillation's latent error) and the discriminator's;
+  adversarial on frames or clips, distillation's latent error, the diffusability regularisers' terms and their
+  per-step draws) and the discriminator's;
 - `recipe`: `training_recipe.json`, what it takes to reproduce, resume or restart the run elsewhere;
 - `checkpoints`: atomic saving, which checkpoint is complete, resuming, pruning, EMA inside them, Ctrl-C/SIGTERM;
 - `validation`: held-out PSNR/SSIM with a picture per validation step, the loss curve;

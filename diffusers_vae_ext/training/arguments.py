@@ -17,6 +17,7 @@ from .. import fp16_safe
 from ..cache.sources import check_source_dependencies
 from ..hardware import choose_path
 from ..optional import MissingDependencyError, require
+from ..regularisers import REGULARISER_DEFAULTS
 
 BUILTIN_CONFIGS = ("small_rgb", "digits")
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
@@ -187,6 +188,46 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         help="video: a 3-D PatchGAN that sees whole clips (default: the 2-D PatchGAN on every frame)",
     )
 
+    regularisers = parser.add_argument_group(
+        "regularisers for diffusability (docs/training.md#regularisers; each one added to the loss above)"
+    )
+    eq_defaults = REGULARISER_DEFAULTS["equivariance"]["defaults"]
+    regularisers.add_argument("--equivariance", action="store_true", help=REGULARISER_DEFAULTS["equivariance"]["help"])
+    regularisers.add_argument(
+        "--equivariance_p_prior",
+        type=float,
+        default=eq_defaults["p_prior"],
+        help="--equivariance: probability of a plain (prior-preservation) step",
+    )
+    scale_defaults = REGULARISER_DEFAULTS["scale_equivariance"]["defaults"]
+    regularisers.add_argument(
+        "--scale_equivariance", action="store_true", help=REGULARISER_DEFAULTS["scale_equivariance"]["help"]
+    )
+    regularisers.add_argument(
+        "--scale_equivariance_weight",
+        type=float,
+        default=scale_defaults["weight"],
+        help="--scale_equivariance: weight of its term, per pixel as the reconstruction term",
+    )
+    align_defaults = REGULARISER_DEFAULTS["align"]["defaults"]
+    regularisers.add_argument("--align_to", default=None, metavar="PATH", help=REGULARISER_DEFAULTS["align"]["help"])
+    regularisers.add_argument(
+        "--align_weight",
+        type=float,
+        default=align_defaults["align_weight"],
+        help="--align_to: VA-VAE's vf_weight, times the adaptive weight",
+    )
+    regularisers.add_argument(
+        "--latent_noise",
+        type=float,
+        nargs="?",
+        const=REGULARISER_DEFAULTS["latent_noise"]["defaults"]["sigma"],
+        default=0.0,
+        metavar="SIGMA",
+        help=REGULARISER_DEFAULTS["latent_noise"]["help"]
+        + f" The flag alone means SIGMA {REGULARISER_DEFAULTS['latent_noise']['defaults']['sigma']}.",
+    )
+
     run = parser.add_argument_group("checkpoints, validation, logging")
     run.add_argument("--checkpointing_steps", type=int, default=500)
     run.add_argument("--checkpoints_total_limit", type=int, default=None)
@@ -244,8 +285,65 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if args.discriminator_weights and args.disc_weight <= 0:
         parser.error("--discriminator_weights needs the discriminator: drop --disc_weight 0")
     fp16_safe.check_arguments(args, parser)
+    _check_regularisers(args, parser)
     _check_optional_dependencies(args, parser)
     return args
+
+
+def regulariser_settings(args: argparse.Namespace) -> dict[str, dict]:
+    """The regularisers this run uses: flag name -> {"paper", "settings"}, with every default that applies (the
+    papers' values from `REGULARISER_DEFAULTS` overridden by the arguments). Stored in `args.regularisers`, so the
+    run's provenance (`vars(args)`) records them."""
+    used = {}
+    if args.equivariance:
+        settings = {**REGULARISER_DEFAULTS["equivariance"]["defaults"], "p_prior": args.equivariance_p_prior}
+        used["equivariance"] = {"paper": REGULARISER_DEFAULTS["equivariance"]["paper"], "settings": settings}
+    if args.scale_equivariance:
+        settings = {**REGULARISER_DEFAULTS["scale_equivariance"]["defaults"], "weight": args.scale_equivariance_weight}
+        used["scale_equivariance"] = {
+            "paper": REGULARISER_DEFAULTS["scale_equivariance"]["paper"],
+            "settings": settings,
+        }
+    if args.align_to:
+        settings = {
+            **REGULARISER_DEFAULTS["align"]["defaults"],
+            "align_weight": args.align_weight,
+            "path": args.align_to,
+        }
+        used["align"] = {"paper": REGULARISER_DEFAULTS["align"]["paper"], "settings": settings}
+    if args.latent_noise:
+        settings = {**REGULARISER_DEFAULTS["latent_noise"]["defaults"], "sigma": args.latent_noise}
+        used["latent_noise"] = {"paper": REGULARISER_DEFAULTS["latent_noise"]["paper"], "settings": settings}
+    return used
+
+
+def _check_regularisers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if not 0.0 <= args.equivariance_p_prior <= 1.0:
+        parser.error(f"--equivariance_p_prior must be a probability in [0, 1], got {args.equivariance_p_prior}")
+    if args.latent_noise < 0:
+        parser.error(
+            f"--latent_noise must be >= 0 (a noise level in latent standard deviations), got {args.latent_noise}"
+        )
+    if args.scale_equivariance_weight < 0 or args.align_weight < 0:
+        parser.error("--scale_equivariance_weight and --align_weight must be >= 0")
+    regularised = [
+        flag
+        for flag, on in (
+            ("--equivariance", args.equivariance),
+            ("--scale_equivariance", args.scale_equivariance),
+            ("--align_to", args.align_to),
+            ("--latent_noise", args.latent_noise),
+        )
+        if on
+    ]
+    for other, given in (("--teacher_vae", args.teacher_vae), ("--fp16_safe", args.fp16_safe)):
+        if regularised and given:
+            parser.error(f"{', '.join(regularised)} regularise an autoencoder's own training; drop them with {other}")
+    if args.align_to and args.train_decoder_only:
+        parser.error(
+            "--align_to shapes the latents through the encoder, which --train_decoder_only freezes: drop one of them"
+        )
+    args.regularisers = regulariser_settings(args)
 
 
 def _check_optional_dependencies(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from .. import fp16_safe, losses
 from ..autoencoders import as_autoencoder
 from ..hardware import choose_path, describe_path
 from ..modeling import AutoencoderKL
+from ..regularisers import encoder_last_layer, load_vision_model
 from .arguments import parse_args, resolve_mixed_precision
 from .checkpoints import StopRequested, logged_steps, register_ema_checkpointing, resume_state, save_checkpoint
 from .clips import clip_dataloader, training_clips, validation_clips_batch
@@ -41,7 +42,15 @@ from .model import (
     prepare_for_training,
     trains_on_clips,
 )
-from .objective import discriminator_input, discriminator_loss_fn, generator_loss
+from .objective import (
+    build_alignment,
+    discriminator_input,
+    discriminator_loss_fn,
+    draw_regularisers,
+    generator_loss,
+    patchgan_fits,
+    vision_features,
+)
 from .output import (
     begin_final_save,
     load_discriminator,
@@ -102,6 +111,8 @@ def train(args: argparse.Namespace) -> Path:
 
     output_dir = Path(args.output_dir)
     accelerator, report_to = create_accelerator(args)
+    # --align_to: the frozen vision model is read first, so a wrong folder stops the run before any other work.
+    vision = load_vision_model(args.align_to, device=accelerator.device) if args.align_to else None
 
     # ---- model (any class the adapter loads) and its data: images, or clips for video classes; bad input fails
     # here, before any training
@@ -146,12 +157,18 @@ def train(args: argparse.Namespace) -> Path:
             load_discriminator(discriminator, args.discriminator_weights)
         discriminator.train()
 
+    alignment = build_alignment(adapter.latent_channels, vision) if vision is not None else None
+    # The VF projection trains with the autoencoder (same optimiser); it is saved in the checkpoints, not the output.
+    trained_parameters = vae_parameters + (list(alignment.parameters()) if alignment is not None else [])
+
     # ---- optimisers and schedulers (steps counted per process, as in diffusers' examples)
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     betas = (args.adam_beta1, args.adam_beta2)
-    optimizer = torch.optim.AdamW(vae_parameters, lr=learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
+    optimizer = torch.optim.AdamW(
+        trained_parameters, lr=learning_rate, betas=betas, weight_decay=args.adam_weight_decay
+    )
     scheduler_steps = dict(
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
@@ -177,6 +194,8 @@ def train(args: argparse.Namespace) -> Path:
         training_forward, optimizer, dataloader, lr_scheduler = accelerator.prepare(
             training_forward, optimizer, dataloader, lr_scheduler
         )
+    if alignment is not None:  # prepared last, so the checkpoint's model_0/model_1 keep their meaning
+        alignment = accelerator.prepare(alignment)
     if ema is not None:
         ema.to(accelerator.device)
         register_ema_checkpointing(accelerator, ema)
@@ -184,6 +203,7 @@ def train(args: argparse.Namespace) -> Path:
     unwrapped_vae = accelerator.unwrap_model(training_forward).vae
     unwrapped_disc = accelerator.unwrap_model(discriminator) if discriminator is not None else None
     last_layer = last_decoder_layer(unwrapped_vae)
+    encoder_layer = encoder_last_layer(unwrapped_vae) if alignment is not None else None
     if clips:
         validation_pixels = validation_clips_batch(
             validation_images, resolution, args.num_validation_images, args.resize_to
@@ -192,7 +212,6 @@ def train(args: argparse.Namespace) -> Path:
         validation_pixels = validation_batch(
             validation_images, resolution, channels, args.num_validation_images, args.resize_to
         )
-    num_pixels = channels * resolution * resolution * (validation_pixels.shape[2] if clips else 1)
     d_loss_fn = discriminator_loss_fn(args.disc_loss)
 
     steps_per_epoch = updates_per_epoch(dataloader, args)  # a stream: --max_train_steps (one pass)
@@ -246,8 +265,13 @@ def train(args: argparse.Namespace) -> Path:
                 pixels = batch["pixel_values"]
                 step = global_step  # the optimisation step this micro-batch belongs to
                 models = [training_forward] + ([discriminator] if discriminator is not None else [])
+                models += [alignment] if alignment is not None else []  # no DDP sync between micro-steps
                 with accelerator.accumulate(*models):
                     # ---------------- generator step
+                    regularise = draw_regularisers(args, step, micro_step, accelerator.process_index)
+                    if regularise.transform is not None and regularise.transform.input_only:
+                        # EQ-VAE's low-resolution prior preservation: a plain step on a rescaled image.
+                        pixels = regularise.transform.apply_image(pixels, adapter.spatial_factor)
                     noise = None
                     if adapter.has_posterior and teacher is None:
                         shape = latent_shape(adapter, pixels.shape)
@@ -255,24 +279,38 @@ def train(args: argparse.Namespace) -> Path:
                             shape, args.seed, step, micro_step, accelerator.process_index, accelerator.num_processes
                         )
                         noise = noise.to(accelerator.device)
-                    reconstructions, moments, *distillation = training_forward(pixels, noise)
-                    reconstructions = reconstructions.float()
-                    latent_target, target = distillation or (None, pixels)  # distillation: the teacher's targets
+                    output = training_forward(pixels, noise, **regularise.forward_kwargs())
+                    reconstructions, moments = output.reconstructions.float(), output.moments
+                    target = pixels if output.pixel_target is None else output.pixel_target
+                    features = None
+                    if alignment is not None:
+                        features = vision_features(vision, pixels, adapter.temporal_factor)
+                    scale_pair = None
+                    if output.scale_reconstructions is not None:
+                        scale_pair = (output.scale_target, output.scale_reconstructions.float())
                     adversarial = discriminator is not None and step >= args.disc_start
+                    # A small --equivariance target can be below the PatchGAN's smallest input: no GAN that step.
+                    adversarial = adversarial and patchgan_fits(target, args.disc_layers)
                     loss, logs = generator_loss(
                         target,
                         reconstructions,
                         moments,
                         step,
                         args,
-                        num_pixels=num_pixels,
+                        num_pixels=target[0].numel(),  # tau(x) on --equivariance steps is smaller
                         autocast=accelerator.autocast,
                         lpips=lpips,
                         discriminator=unwrapped_disc if adversarial else None,
                         last_layer=last_layer,
                         has_posterior=adapter.has_posterior,
-                        latent_target=latent_target,
+                        latent_target=output.latent_target,
+                        scale_pair=scale_pair,
+                        alignment=alignment,
+                        latents=output.latents,
+                        features=features,
+                        encoder_layer=encoder_layer,
                     )
+                    logs.update(regularise.logs())
                     if recipe is not None:
                         loss, recipe_logs = recipe.loss(pixels, noise, reconstructions, moments)
                         logs.update(recipe_logs)
@@ -281,7 +319,7 @@ def train(args: argparse.Namespace) -> Path:
                     if finite:
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and args.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(vae_parameters, args.max_grad_norm)
+                            accelerator.clip_grad_norm_(trained_parameters, args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -290,7 +328,9 @@ def train(args: argparse.Namespace) -> Path:
                     if adversarial and finite:
                         # One forward on both halves: DDP allows one forward per backward.
                         with accelerator.autocast():
-                            real_and_fake = torch.cat([pixels, reconstructions.detach().to(pixels.dtype)])
+                            # Real images of the reconstructions' size: tau(x) on --equivariance steps.
+                            real = pixels if teacher is not None else target
+                            real_and_fake = torch.cat([real, reconstructions.detach().to(pixels.dtype)])
                             logits = discriminator(discriminator_input(real_and_fake, args.disc_3d))
                         logits_real, logits_fake = logits.float().chunk(2)
                         d_loss = d_loss_fn(logits_real, logits_fake)

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..autoencoders import SUPPORTED_CLASSES, AutoencoderAdapter, as_autoencoder, load_autoencoder
 from ..modeling import AutoencoderKL
+from ..regularisers import EquivarianceTransform, augment_latents, scale_equivariance_pair
 from .arguments import BUILTIN_CONFIGS, CONFIG_DIR
 
 # Submodules that produce the latent, per class: what `--train_decoder_only` freezes. Everything else (decoder,
@@ -160,6 +161,29 @@ def last_decoder_layer(vae: nn.Module) -> torch.Tensor:
     return vae.get_parameter(pattern)
 
 
+class ForwardOutput(NamedTuple):
+    """What one training forward returns.
+
+    Attributes:
+        reconstructions: decoded pixels (same shape as the pixels fed in).
+        moments: `cat([mean, logvar])` of the posterior (KL classes) or the deterministic latents.
+        latent_target: distillation only: the teacher's latents in the student's raw space (the encoder's target).
+        pixel_target: what `reconstructions` should equal when it is not the pixels fed in: distillation (images,
+            or the teacher's decode) and `--equivariance` steps (tau(x)).
+        latents: the latents drawn from the encoder (before any transform or decoder-input noise): what
+            `--align_to` aligns. None in distillation.
+        scale_reconstructions / scale_target: `--scale_equivariance`: D(down(z)) and down(x).
+    """
+
+    reconstructions: torch.Tensor
+    moments: torch.Tensor
+    latent_target: torch.Tensor | None = None
+    pixel_target: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    scale_reconstructions: torch.Tensor | None = None
+    scale_target: torch.Tensor | None = None
+
+
 class VAETrainingForward(nn.Module):
     """Encode, draw the latent (posterior with the given noise; deterministic classes: as they are), decode: one
     `forward` so DDP sees encoder and decoder.
@@ -173,11 +197,6 @@ class VAETrainingForward(nn.Module):
     teacher's pipeline convention and unscaled by the student's, so the student drops into the teacher's pipelines)
     and its decoder decodes the teacher's latents, towards the images (`distill_target="images"`, as TAESD) or
     the teacher's decode (`"teacher"`).
-
-    `forward` returns `(reconstructions, moments)`: decoded pixels shaped like the input, and the posterior's
-    `cat([mean, logvar])` (KL classes) or the deterministic latents. Distillation adds `(latent_target,
-    pixel_target)`: the teacher's latents in the student's raw space (the encoder's target) and what the
-    reconstructions should equal (images or the teacher's decode).
     """
 
     def __init__(
@@ -209,7 +228,25 @@ class VAETrainingForward(nn.Module):
             return self.vae.decode(latents, temb=temb.to(latents.dtype)).sample
         return self.vae.decode(latents).sample
 
-    def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        *,
+        transform: EquivarianceTransform | None = None,
+        scale_factor: int | None = None,
+        latent_noise: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> ForwardOutput:
+        """Encode `pixels`, draw the latent z (posterior mean + std * `noise`), decode; the regularisers' extra work
+        happens here too, so that DDP sees one forward per backward:
+
+        - `transform` (`--equivariance`, a latent-side EQ-VAE transform tau): decode tau(z) instead of z, and return
+          tau(x) as the pixel target;
+        - `latent_noise` (`--latent_noise`): the decoder sees z + sigma * eps (`regularisers.augment_latents`, noise
+          from `generator`), the KL and `latents` keep the clean z;
+        - `scale_factor` (`--scale_equivariance`): also decode down(z) and return it with down(x).
+        """
         one_frame = self.adapter.is_video and pixels.ndim == 4
         if one_frame:
             pixels = pixels.unsqueeze(2)
@@ -222,12 +259,31 @@ class VAETrainingForward(nn.Module):
             if self.adapter.has_posterior:
                 posterior = DiagonalGaussianDistribution(moments)
                 latents = posterior.mean + posterior.std * noise.to(moments.dtype)
-            output = (self._decode(latents), moments)
+            decoder_input, pixel_target = latents, None
+            if transform is not None:
+                factor = self.adapter.spatial_factor
+                decoder_input, pixel_target = transform.apply_latent(latents), transform.apply_image(pixels, factor)
+            if latent_noise > 0:
+                decoder_input = augment_latents(decoder_input, latent_noise, generator)
+            scale_reconstructions = scale_target = None
+            if scale_factor is not None:
+                down_z, scale_target = scale_equivariance_pair(
+                    latents, pixels, scale_factor, spatial_factor=self.adapter.spatial_factor
+                )
+                scale_reconstructions = self._decode(down_z)
+            output = ForwardOutput(
+                self._decode(decoder_input),
+                moments,
+                pixel_target=pixel_target,
+                latents=latents,
+                scale_reconstructions=scale_reconstructions,
+                scale_target=scale_target,
+            )
         if one_frame:
-            output = tuple(t.squeeze(2) for t in output)
+            output = ForwardOutput(*(t.squeeze(2) if t is not None and t.ndim == 5 else t for t in output))
         return output
 
-    def _distill(self, pixels: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _distill(self, pixels: torch.Tensor, latents: torch.Tensor) -> ForwardOutput:
         teacher, student = self.teacher, self.adapter
         with torch.no_grad():
             teacher_raw = teacher.latents_from_moments(teacher.encode_moments(pixels), sample=False)
@@ -235,7 +291,7 @@ class VAETrainingForward(nn.Module):
             pixel_target = pixels
             if self.distill_target == "teacher":
                 pixel_target = teacher.decode(teacher_raw).to(pixels.dtype)
-        return self._decode(target), latents, target, pixel_target
+        return ForwardOutput(self._decode(target), latents, target, pixel_target)
 
 
 def prepare_for_training(vae: nn.Module, args: argparse.Namespace) -> list[nn.Parameter]:
@@ -251,12 +307,6 @@ def prepare_for_training(vae: nn.Module, args: argparse.Namespace) -> list[nn.Pa
             module = getattr(vae, name, None)
             if isinstance(module, nn.Module):
                 module.requires_grad_(False)
-    if type(vae).__name__ == "AutoencoderKLQwenImage":
-        # Images are one-frame clips: the temporal convolutions never run, so they get no gradient; frozen, DDP
-        # does not wait for their gradients (it would fail with "parameters that were not used").
-        for name, parameter in vae.named_parameters():
-            if "time_conv" in name:
-                parameter.requires_grad_(False)
     if args.gradient_checkpointing:
         if not getattr(vae, "_supports_gradient_checkpointing", False):
             raise ValueError(
