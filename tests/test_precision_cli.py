@@ -179,11 +179,11 @@ def test_trainer_default_autocasts_bf16_with_fp32_weights(
     seen = []
     forward = training.VAETrainingForward.forward
 
-    def recording_forward(self, pixels, noise):
+    def recording_forward(self, pixels, noise=None, **regularisers):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
-        reconstructions, moments = forward(self, pixels, noise)
-        seen.append(reconstructions.dtype)
-        return reconstructions, moments
+        output = forward(self, pixels, noise, **regularisers)
+        seen.append(output.reconstructions.dtype)
+        return output
 
     monkeypatch.setattr(training.VAETrainingForward, "forward", recording_forward)
     config = tmp_path / "tiny.json"

@@ -19,6 +19,8 @@ import platform
 from importlib import metadata
 from typing import Any
 
+import torch
+
 from .data import redacted_storage_options
 
 RECIPE_NAME = "training_recipe.json"
@@ -36,10 +38,10 @@ def package_versions() -> dict[str, str | None]:
 
 
 def discriminator_description(discriminator: Any) -> dict[str, Any] | None:
-    """Class and constructor config of a `PatchGANDiscriminator` (read back from its layers), or None."""
+    """Class and constructor config of a PatchGAN, 2-D or 3-D (read back from its layers), or None."""
     if discriminator is None:
         return None
-    convs = [m for m in discriminator.modules() if m.__class__.__name__ == "Conv2d"]
+    convs = [m for m in discriminator.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
     return {
         "class": type(discriminator).__name__,
         "config": {
