@@ -79,3 +79,16 @@ def cpu_launch(num_processes: int = 2, port: int | None = None) -> tuple[list[st
     if port is not None:
         argv += ["--main_process_port", str(port)]
     return argv, {"ACCELERATE_USE_CPU": "true"}
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's singletons reset around a test: each training run builds its own Accelerator, whose settings
+    must not leak into the next (modules that train use it through `pytestmark`)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -159,17 +159,6 @@ def test_mixed_precision_auto(monkeypatch, cpu, env, expected):
     assert training.resolve_mixed_precision("no") == "no"  # an explicit choice is kept
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.mark.parametrize("mixed_precision, autocast", [("auto", True), ("no", False)])
 def test_trainer_default_autocasts_bf16_with_fp32_weights(
     monkeypatch, tmp_path, photo_folder, fresh_accelerate_state, capsys, mixed_precision, autocast

@@ -35,16 +35,7 @@ TINY_CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    # Each run builds its own Accelerator; the singletons must not leak settings between runs.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

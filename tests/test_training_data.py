@@ -40,19 +40,16 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
 PER_SHARD = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate_state():
-    # One thread, like the launched processes (OMP_NUM_THREADS=1): the same kernels, hence the same sums, in every
-    # run compared here. Each run builds its own Accelerator; its singletons must not leak between runs.
-    from accelerate.state import AcceleratorState, GradientState
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # One thread, like the launched processes (OMP_NUM_THREADS=1): the same kernels, hence the same sums, in every
+    # run compared here.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     torch.set_num_threads(threads)
 
 
