@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import sys
 import tarfile
 import tempfile
@@ -29,15 +28,11 @@ sys.path.insert(0, str(REPO))
 
 
 def cpu_description() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__}"
+    """The CPU as the package detects it (hardware.cpu_info: model, ISA, AMX), cores and torch."""
+    from diffusers_vae_ext.hardware import cpu_info
+
+    info = cpu_info()
+    return f"{info.model} ({info.capability}), {os.cpu_count()} logical cores, torch {torch.__version__}"
 
 
 def write_data(root: Path, count: int, size: int) -> tuple[Path, Path]:

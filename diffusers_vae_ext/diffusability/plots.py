@@ -37,12 +37,7 @@ def plot_spectra(results: Mapping[str, DiffusabilityResult], path: str | os.Path
     axis.set_xlabel("radial frequency (cycles / latent pixel); high-frequency half right of the line")
     axis.set_ylabel("power per coefficient (standardised)")
     axis.set_title("Spectrum: latents vs images at latent resolution")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, axis, path)
 
 
 def plot_loss_curves(results: Mapping[str, DiffusabilityResult], path: str | os.PathLike) -> Path:
@@ -56,6 +51,11 @@ def plot_loss_curves(results: Mapping[str, DiffusabilityResult], path: str | os.
     axis.set_xlabel("t (0: data, 1: noise)")
     axis.set_ylabel("held-out loss / Gaussian optimum")
     axis.set_title("Diffusability probe: lower is easier to learn")
+    return _save(plt, figure, axis, path)
+
+
+def _save(plt, figure, axis, path: str | os.PathLike) -> Path:
+    """Legend, tight layout, PNG at `path`, figure closed (pyplot keeps every open figure alive)."""
     axis.legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
