@@ -26,6 +26,22 @@ SMALL_VAE_CONFIG = dict(
 )
 
 
+# The trainer's tests: a 2-level, 8/16-channel AutoencoderKL config (factor 2) that trains in seconds.
+TINY_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 32,
+    "scaling_factor": 1.0,
+}
+
+
 def make_vae(seed: int = 0, **overrides) -> AutoencoderKL:
     """Our VAE with random weights; the weights are perturbed so biases and norms are not all 0/1."""
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_launch
+from conftest import TINY_CONFIG, cpu_launch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
@@ -20,19 +20,6 @@ from diffusers_vae_ext import AutoencoderKL, losses, training
 from diffusers_vae_ext.data import write_sample_photos
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "sample_size": 32,
-    "scaling_factor": 1.0,
-}
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CONFIG
 from safetensors.torch import load_file
 
 from diffusers_vae_ext import training
@@ -23,19 +24,6 @@ from diffusers_vae_ext.data import sample_photos
 from diffusers_vae_ext.training.streaming import SKIPPED_FILE, StreamedImages
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "sample_size": 32,
-    "scaling_factor": 1.0,
-}
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
 PER_SHARD = 3
 
