@@ -85,10 +85,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def assert_learned(out: Path, min_gain_db: float = 0.5) -> list[dict]:
+def assert_loss_falls(out: Path) -> None:
+    """Training loss falls: the mean reconstruction error of the last 4 steps is below 0.9 x that of the first 4."""
     log = read_jsonl(out / "train_log.jsonl")
-    first, last = [row["rec_per_pixel"] for row in log[:3]], [row["rec_per_pixel"] for row in log[-3:]]
+    first, last = [row["rec_per_pixel"] for row in log[:4]], [row["rec_per_pixel"] for row in log[-4:]]
     assert sum(last) < 0.9 * sum(first), (first, last)
+
+
+def assert_learned(out: Path, min_gain_db: float = 0.5) -> list[dict]:
+    """Training loss falls and held-out PSNR rises by at least `min_gain_db` from before training to the end."""
+    assert_loss_falls(out)
     metrics = read_jsonl(out / "metrics.jsonl")
     assert metrics[-1]["psnr"] > metrics[0]["psnr"] + min_gain_db, [m["psnr"] for m in metrics]
     return metrics
@@ -106,14 +112,21 @@ def assert_loads_in_diffusers_class(out: Path, name: str, trained: dict[str, tor
 # ------------------------------------------------------------------------------------------ image classes
 
 
+# Qwen-Image and Wan share one architecture (Qwen-Image's is Wan 2.1's, on one-frame clips). Their tiny random init
+# passes almost no signal from input to output: the latent mean varies 0.02 across clips (0.16-0.21 for the other
+# video classes' tiny configs) and the decoder's output moves 0.07 for a new latent (0.38-0.48), with 2-channel
+# bottlenecks after every upsampling (base_dim 4, halved there). The decoder learns the data's mean first and the
+# encoder then learns to ignore its input (KL stays ~1.5 nats); the same happens with the posterior mode instead of
+# a draw, without the output clamp, at lr 5e-4 to 1e-2, base_dim 8 or 16, dim_mult (1, 2, 4, 4), Wan 2.2's residual
+# layout, batch 4, and up to 96 steps. So their loss falls (the data's mean) but held-out PSNR does not rise in a
+# short run; `learns` says which classes must raise it. See docs/training.md ("Which classes learn in a short run").
 @pytest.mark.parametrize(
-    "name, kl, steps",
-    [("AutoencoderKLFlux2", True, 16), ("AutoencoderDC", False, 16), ("AutoencoderTiny", False, 16),
-     # Qwen-Image's 5-D VAE on images (one-frame clips): its tiny random init learns too slowly for a short run,
-     # so this only checks that it trains end to end and saves a folder its class loads.
-     ("AutoencoderKLQwenImage", True, 2)],
+    "name, kl, learns",
+    [("AutoencoderKLFlux2", True, True), ("AutoencoderDC", False, True), ("AutoencoderTiny", False, True),
+     ("AutoencoderKLQwenImage", True, False)],  # Qwen-Image's 5-D VAE on images (one-frame clips)
 )  # fmt: skip
-def test_image_class_trains_from_its_config_and_loads_in_its_diffusers_class(workdir, photo_dir, name, kl, steps):
+def test_image_class_trains_from_its_config_and_loads_in_its_diffusers_class(workdir, photo_dir, name, kl, learns):
+    steps = 16
     out = run(
         workdir / f"run-{name}",
         "--model_config", str(config_file(workdir, name)),
@@ -122,8 +135,10 @@ def test_image_class_trains_from_its_config_and_loads_in_its_diffusers_class(wor
         "--learning_rate", "2e-3",
         "--validation_steps", str(steps),
     )  # fmt: skip
-    if steps > 2:
+    if learns:
         assert_learned(out)
+    else:
+        assert_loss_falls(out)
     log = read_jsonl(out / "train_log.jsonl")
     assert ("kl" in log[-1]) is kl  # KL only where the class has a posterior
     assert_loads_in_diffusers_class(out, name, load_file(out / "diffusion_pytorch_model.safetensors"))
@@ -189,26 +204,29 @@ def test_distilled_student_decodes_the_teachers_latents_like_the_teacher(workdir
 
 
 @pytest.mark.parametrize(
-    "name, frames, learns",
-    # Wan's tiny random init collapses to one output for every clip in a short run (its training loss falls, its
-    # held-out PSNR does not rise yet); CogVideoX's learns. Both must train end to end and load in their class.
-    [("AutoencoderKLCogVideoX", 9, True), ("AutoencoderKLWan", 5, False)],
-)
-def test_video_class_trains_on_mp4_clips(workdir, video_dir, name, frames, learns):
+    "name, frames, batch, lr, learns",
+    # Every video class trains end to end, its loss falls and its folder loads in its class. CogVideoX's and
+    # HunyuanVideo's held-out PSNR rises in 24 steps; Wan's tiny init cannot pass a signal through (see the image
+    # test above: it learns the clips' mean colour, the same output for every clip); LTX-Video's learns the mean
+    # in 24 steps but not yet the held-out clip (9.65 -> 9.66 dB at batch 4). LTX trains on batch 4 (all four
+    # training clips every step): at batch 2 its first and last steps see different clips, which hides the fall.
+    # CogVideoX at lr 1e-3: at 2e-3 its gain swung from 0.1 to 0.7 dB with the order the tests ran in.
+    [("AutoencoderKLCogVideoX", 9, 2, "1e-3", True), ("AutoencoderKLHunyuanVideo", 5, 2, "2e-3", True),
+     ("AutoencoderKLWan", 5, 2, "2e-3", False), ("AutoencoderKLLTXVideo", 9, 4, "2e-3", False)],
+)  # fmt: skip
+def test_video_class_trains_on_mp4_clips(workdir, video_dir, name, frames, batch, lr, learns):
     out = run(
         workdir / f"video-{name}",
         "--model_config", str(config_file(workdir, name)),
         "--train_data_dir", str(video_dir),
         "--resize_to", "64",
         "--num_frames", str(frames),
-        "--train_batch_size", "2",
+        "--train_batch_size", str(batch),
         "--max_train_steps", "24",
-        "--learning_rate", "2e-3",
+        "--learning_rate", lr,
         "--validation_steps", "24",
     )  # fmt: skip
-    log = read_jsonl(out / "train_log.jsonl")
-    first, last = [row["rec_per_pixel"] for row in log[:4]], [row["rec_per_pixel"] for row in log[-4:]]
-    assert sum(last) < 0.9 * sum(first), (first, last)
+    assert_loss_falls(out)
     metrics = read_jsonl(out / "metrics.jsonl")
     if learns:
         assert metrics[-1]["psnr"] > metrics[0]["psnr"] + 0.3, [m["psnr"] for m in metrics]
