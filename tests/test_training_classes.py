@@ -265,6 +265,55 @@ def test_video_resume_is_exact(workdir, video_dir):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+# ------------------------------------------------------------------------------------------ gradient checkpointing
+
+
+@pytest.mark.parametrize(
+    "name, frames",
+    [("AutoencoderKLFlux2", None), ("AutoencoderTiny", None), ("AutoencoderKLCogVideoX", 9),
+     ("AutoencoderKLHunyuanVideo", 5), ("AutoencoderKLLTXVideo", 9)],
+)  # fmt: skip
+def test_gradient_checkpointing_trains_the_same_steps(workdir, photo_dir, video_dir, monkeypatch, name, frames):
+    """Every class diffusers checkpoints: the checkpointed run really recomputes (torch's checkpoint is called) and
+    gives the same losses and weights as a run without it, since checkpointing does not change the math. Two steps,
+    so the second loss and the weights check the checkpointed gradients. AutoencoderTiny: its decoder only (diffusers'
+    EncoderTiny skips its [-1, 1] -> [0, 1] input scaling on the checkpointed path; the first loss showed it)."""
+    import torch.utils.checkpoint
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(getattr(function, "__self__", function).__class__.__name__)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    data = ["--train_data_dir", str(photo_dir)]
+    if frames:
+        data = ["--train_data_dir", str(video_dir), "--resize_to", "48", "--num_frames", str(frames)]
+    common = (
+        "--model_config", str(config_file(workdir, name)),
+        *data,
+        "--train_batch_size", "2",
+        "--max_train_steps", "2",
+        "--learning_rate", "1e-3",
+        "--validation_steps", "100",
+    )  # fmt: skip
+    plain = run(workdir / f"no-checkpointing-{name}", *common)
+    assert not calls
+    checkpointed = run(workdir / f"checkpointing-{name}", *common, "--gradient_checkpointing")
+    assert calls, "--gradient_checkpointing recomputed nothing"
+    if name == "AutoencoderTiny":
+        assert "EncoderTiny" not in calls and "DecoderTiny" not in calls  # layers of the decoder only
+    expected, got = read_jsonl(plain / "train_log.jsonl"), read_jsonl(checkpointed / "train_log.jsonl")
+    for a, b in zip(expected, got, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+    before = load_file(plain / "diffusion_pytorch_model.safetensors")
+    after = load_file(checkpointed / "diffusion_pytorch_model.safetensors")
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -301,7 +350,9 @@ def test_a_teacher_whose_latents_do_not_fit_the_student_is_refused(workdir, phot
     refused(tmp_path, "different latent shapes.*spatial factor: teacher 2, student 4", *args)
 
 
-def test_gradient_checkpointing_where_diffusers_has_none_is_refused(workdir, photo_dir, tmp_path):
-    config = str(config_file(workdir, "AutoencoderDC"))
-    args = ("--model_config", config, "--train_data_dir", str(photo_dir), "--gradient_checkpointing")
-    refused(tmp_path, "does not implement gradient checkpointing for AutoencoderDC", *args)
+@pytest.mark.parametrize("name", ["AutoencoderDC", "AutoencoderKLQwenImage", "AutoencoderKLWan"])
+def test_gradient_checkpointing_where_diffusers_has_none_is_refused(workdir, photo_dir, video_dir, tmp_path, name):
+    data = video_dir if name == "AutoencoderKLWan" else photo_dir
+    config = str(config_file(workdir, name))
+    args = ("--model_config", config, "--train_data_dir", str(data), "--gradient_checkpointing")
+    refused(tmp_path, f"does not implement gradient checkpointing for {name}", *args)
