@@ -85,10 +85,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def assert_learned(out: Path, min_gain_db: float = 0.5) -> list[dict]:
+def assert_loss_falls(out: Path) -> None:
+    """Training loss falls: the mean reconstruction error of the last 4 steps is below 0.9 x that of the first 4."""
     log = read_jsonl(out / "train_log.jsonl")
-    first, last = [row["rec_per_pixel"] for row in log[:3]], [row["rec_per_pixel"] for row in log[-3:]]
+    first, last = [row["rec_per_pixel"] for row in log[:4]], [row["rec_per_pixel"] for row in log[-4:]]
     assert sum(last) < 0.9 * sum(first), (first, last)
+
+
+def assert_learned(out: Path, min_gain_db: float = 0.5) -> list[dict]:
+    """Training loss falls and held-out PSNR rises by at least `min_gain_db` from before training to the end."""
+    assert_loss_falls(out)
     metrics = read_jsonl(out / "metrics.jsonl")
     assert metrics[-1]["psnr"] > metrics[0]["psnr"] + min_gain_db, [m["psnr"] for m in metrics]
     return metrics
@@ -106,14 +112,21 @@ def assert_loads_in_diffusers_class(out: Path, name: str, trained: dict[str, tor
 # ------------------------------------------------------------------------------------------ image classes
 
 
+# Qwen-Image and Wan share one architecture (Qwen-Image's is Wan 2.1's, on one-frame clips). Their tiny random init
+# passes almost no signal from input to output: the latent mean varies 0.02 across clips (0.16-0.21 for the other
+# video classes' tiny configs) and the decoder's output moves 0.07 for a new latent (0.38-0.48), with 2-channel
+# bottlenecks after every upsampling (base_dim 4, halved there). The decoder learns the data's mean first and the
+# encoder then learns to ignore its input (KL stays ~1.5 nats); the same happens with the posterior mode instead of
+# a draw, without the output clamp, at lr 5e-4 to 1e-2, base_dim 8 or 16, dim_mult (1, 2, 4, 4), Wan 2.2's residual
+# layout, batch 4, and up to 96 steps. So their loss falls (the data's mean) but held-out PSNR does not rise in a
+# short run; `learns` says which classes must raise it. See docs/training.md ("Which classes learn in a short run").
 @pytest.mark.parametrize(
-    "name, kl, steps",
-    [("AutoencoderKLFlux2", True, 16), ("AutoencoderDC", False, 16), ("AutoencoderTiny", False, 16),
-     # Qwen-Image's 5-D VAE on images (one-frame clips): its tiny random init learns too slowly for a short run,
-     # so this only checks that it trains end to end and saves a folder its class loads.
-     ("AutoencoderKLQwenImage", True, 2)],
+    "name, kl, learns",
+    [("AutoencoderKLFlux2", True, True), ("AutoencoderDC", False, True), ("AutoencoderTiny", False, True),
+     ("AutoencoderKLQwenImage", True, False)],  # Qwen-Image's 5-D VAE on images (one-frame clips)
 )  # fmt: skip
-def test_image_class_trains_from_its_config_and_loads_in_its_diffusers_class(workdir, photo_dir, name, kl, steps):
+def test_image_class_trains_from_its_config_and_loads_in_its_diffusers_class(workdir, photo_dir, name, kl, learns):
+    steps = 16
     out = run(
         workdir / f"run-{name}",
         "--model_config", str(config_file(workdir, name)),
@@ -122,8 +135,10 @@ def test_image_class_trains_from_its_config_and_loads_in_its_diffusers_class(wor
         "--learning_rate", "2e-3",
         "--validation_steps", str(steps),
     )  # fmt: skip
-    if steps > 2:
+    if learns:
         assert_learned(out)
+    else:
+        assert_loss_falls(out)
     log = read_jsonl(out / "train_log.jsonl")
     assert ("kl" in log[-1]) is kl  # KL only where the class has a posterior
     assert_loads_in_diffusers_class(out, name, load_file(out / "diffusion_pytorch_model.safetensors"))
@@ -189,26 +204,29 @@ def test_distilled_student_decodes_the_teachers_latents_like_the_teacher(workdir
 
 
 @pytest.mark.parametrize(
-    "name, frames, learns",
-    # Wan's tiny random init collapses to one output for every clip in a short run (its training loss falls, its
-    # held-out PSNR does not rise yet); CogVideoX's learns. Both must train end to end and load in their class.
-    [("AutoencoderKLCogVideoX", 9, True), ("AutoencoderKLWan", 5, False)],
-)
-def test_video_class_trains_on_mp4_clips(workdir, video_dir, name, frames, learns):
+    "name, frames, batch, lr, learns",
+    # Every video class trains end to end, its loss falls and its folder loads in its class; all but Wan raise
+    # held-out PSNR in 24 steps. Wan's tiny init cannot pass a signal through (see the image test above: it learns
+    # the clips' mean colour, the same output for every clip). LTX-Video's decoder is 16-64 channels wide (1.1M
+    # parameters, 17x CogVideoX's): at lr 2e-3 it stays at the mean (9.62 -> 9.62 dB; 9.03 after 48 steps), at
+    # 5e-4 it learns (+0.9 dB; 3e-4: +0.6). It needs batch 4 (all four training clips each step): at batch 2 its
+    # first and last steps see different clips and the held-out gain does not show (5e-4: -0.1 dB).
+    [("AutoencoderKLCogVideoX", 9, 2, "2e-3", True), ("AutoencoderKLHunyuanVideo", 5, 2, "2e-3", True),
+     ("AutoencoderKLWan", 5, 2, "2e-3", False), ("AutoencoderKLLTXVideo", 9, 4, "5e-4", True)],
+)  # fmt: skip
+def test_video_class_trains_on_mp4_clips(workdir, video_dir, name, frames, batch, lr, learns):
     out = run(
         workdir / f"video-{name}",
         "--model_config", str(config_file(workdir, name)),
         "--train_data_dir", str(video_dir),
         "--resize_to", "64",
         "--num_frames", str(frames),
-        "--train_batch_size", "2",
+        "--train_batch_size", str(batch),
         "--max_train_steps", "24",
-        "--learning_rate", "2e-3",
+        "--learning_rate", lr,
         "--validation_steps", "24",
     )  # fmt: skip
-    log = read_jsonl(out / "train_log.jsonl")
-    first, last = [row["rec_per_pixel"] for row in log[:4]], [row["rec_per_pixel"] for row in log[-4:]]
-    assert sum(last) < 0.9 * sum(first), (first, last)
+    assert_loss_falls(out)
     metrics = read_jsonl(out / "metrics.jsonl")
     if learns:
         assert metrics[-1]["psnr"] > metrics[0]["psnr"] + 0.3, [m["psnr"] for m in metrics]
@@ -247,6 +265,54 @@ def test_video_resume_is_exact(workdir, video_dir):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+# ------------------------------------------------------------------------------------------ gradient checkpointing
+
+
+@pytest.mark.parametrize(
+    "name, frames",
+    [("AutoencoderKLFlux2", None), ("AutoencoderTiny", None), ("AutoencoderKLCogVideoX", 9),
+     ("AutoencoderKLHunyuanVideo", 5), ("AutoencoderKLLTXVideo", 9)],
+)  # fmt: skip
+def test_gradient_checkpointing_trains_the_same_steps(workdir, photo_dir, video_dir, monkeypatch, name, frames):
+    """Every class diffusers checkpoints: the checkpointed run really recomputes (torch's checkpoint is called) and
+    gives the same losses and weights as a run without it, since checkpointing does not change the math. Two steps,
+    so the second loss and the weights check the checkpointed gradients. AutoencoderTiny: its decoder only (diffusers'
+    EncoderTiny skips its [-1, 1] -> [0, 1] input scaling on the checkpointed path: checkpointed, the first loss
+    differed, 3531.3 against 3531.0)."""
+    import torch.utils.checkpoint
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(function)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    data = ["--train_data_dir", str(photo_dir)]
+    if frames:
+        data = ["--train_data_dir", str(video_dir), "--resize_to", "48", "--num_frames", str(frames)]
+    common = (
+        "--model_config", str(config_file(workdir, name)),
+        *data,
+        "--train_batch_size", "2",
+        "--max_train_steps", "2",
+        "--learning_rate", "1e-3",
+        "--validation_steps", "100",
+    )  # fmt: skip
+    plain = run(workdir / f"no-checkpointing-{name}", *common)
+    assert not calls
+    checkpointed = run(workdir / f"checkpointing-{name}", *common, "--gradient_checkpointing")
+    assert calls, "--gradient_checkpointing recomputed nothing"
+    expected, got = read_jsonl(plain / "train_log.jsonl"), read_jsonl(checkpointed / "train_log.jsonl")
+    for a, b in zip(expected, got, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+    before = load_file(plain / "diffusion_pytorch_model.safetensors")
+    after = load_file(checkpointed / "diffusion_pytorch_model.safetensors")
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -283,7 +349,9 @@ def test_a_teacher_whose_latents_do_not_fit_the_student_is_refused(workdir, phot
     refused(tmp_path, "different latent shapes.*spatial factor: teacher 2, student 4", *args)
 
 
-def test_gradient_checkpointing_where_diffusers_has_none_is_refused(workdir, photo_dir, tmp_path):
-    config = str(config_file(workdir, "AutoencoderDC"))
-    args = ("--model_config", config, "--train_data_dir", str(photo_dir), "--gradient_checkpointing")
-    refused(tmp_path, "does not implement gradient checkpointing for AutoencoderDC", *args)
+@pytest.mark.parametrize("name", ["AutoencoderDC", "AutoencoderKLQwenImage", "AutoencoderKLWan"])
+def test_gradient_checkpointing_where_diffusers_has_none_is_refused(workdir, photo_dir, video_dir, tmp_path, name):
+    data = video_dir if name == "AutoencoderKLWan" else photo_dir
+    config = str(config_file(workdir, name))
+    args = ("--model_config", config, "--train_data_dir", str(data), "--gradient_checkpointing")
+    refused(tmp_path, f"does not implement gradient checkpointing for {name}", *args)

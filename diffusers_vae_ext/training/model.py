@@ -299,7 +299,8 @@ def prepare_for_training(vae: nn.Module, args: argparse.Namespace) -> list[nn.Pa
 
     Decoder-only freezes every submodule that produces the latent (`ENCODER_MODULES`: `encoder` and, where the
     class has one, `quant_conv`), for every class. Gradient checkpointing is refused with a clear error for the
-    classes diffusers does not implement it for (AutoencoderDC, Wan, Qwen-Image: Wan's causal feature cache).
+    classes diffusers does not implement it for (AutoencoderDC, Wan, Qwen-Image: Wan's causal feature cache);
+    AutoencoderTiny checkpoints its decoder only (see below).
     """
     vae.train()
     if args.train_decoder_only:
@@ -314,6 +315,10 @@ def prepare_for_training(vae: nn.Module, args: argparse.Namespace) -> list[nn.Pa
                 f"{type(vae).__name__}. Drop the flag, or lower --train_batch_size / --resolution / --num_frames."
             )
         vae.enable_gradient_checkpointing()
+        if type(vae).__name__ == "AutoencoderTiny":
+            # diffusers' EncoderTiny skips its [-1, 1] -> [0, 1] input scaling on the checkpointed path, so the
+            # encoder would train on other inputs than it sees at inference: only the decoder is checkpointed.
+            vae.encoder.gradient_checkpointing = False
     return [p for p in vae.parameters() if p.requires_grad]
 
 

@@ -38,6 +38,7 @@ def write_video(
     fps: float,
     timestamps: Sequence[float] | None = None,
     quality: int = 18,
+    reproducible: bool = False,
 ) -> Path:
     """Write frames to `.mp4`/`.mov`/`.mkv` (H.264), `.webm` (VP9) or `.webp` (animated WebP).
 
@@ -48,6 +49,10 @@ def write_video(
         timestamps: per-frame presentation times in seconds, increasing, for a variable-frame-rate file
             (millisecond clock). Not for WebP.
         quality: H.264 CRF / VP9 CRF (lower is better; 18 is visually lossless). WebP is written lossless.
+        reproducible: H.264 only: the same frames always give the same file. x264's adaptive quantisation and
+            macroblock tree (both on by default) gave different bitstreams for the same frames from one call to
+            the next (4 different files in 6 calls of 64x64 clips, decoded frames 3/255 apart on average, up to
+            32/255), so test and benchmark clips made with them differed between runs; this turns both off.
 
     H.264 in yuv420p needs even sides: an odd last row or column is repeated (padded) to write it.
     """
@@ -82,6 +87,8 @@ def write_video(
             stream.time_base = Fraction(1, 1000)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(quality)} | ({"b": "0"} if codec == "libvpx-vp9" else {})
+        if reproducible and codec == "libx264":
+            stream.options = stream.options | {"aq-mode": "0", "mbtree": "0"}
         for i, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
             if timestamps is not None:
@@ -150,7 +157,8 @@ def write_pan_zoom_video(
     timestamps: Sequence[float] | None = None,
     **camera: Any,
 ) -> np.ndarray:
-    """Write `pan_zoom_frames(photo, num_frames, size, **camera)` to `path` with PyAV; returns the frames."""
+    """Write `pan_zoom_frames(photo, num_frames, size, **camera)` to `path` with PyAV; returns the frames. The file
+    is the same on every call (`write_video(..., reproducible=True)`), so tests and benchmarks see the same clips."""
     frames = pan_zoom_frames(photo, num_frames, size, **camera)
-    write_video(path, frames, fps, timestamps=timestamps)
+    write_video(path, frames, fps, timestamps=timestamps, reproducible=True)
     return frames
