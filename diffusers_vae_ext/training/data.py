@@ -190,7 +190,7 @@ def open_training_source(args: argparse.Namespace):
         image_sequences=args.image_sequence,
     )
     if args.unit_size is None and source.kind == VideoFolderSource.kind:
-        source.unit_size = VIDEO_UNIT_SIZE
+        source.unit_size = VIDEO_UNIT_SIZE  # known only once the folder is seen to hold videos
     return source
 
 
