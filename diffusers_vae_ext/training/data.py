@@ -303,7 +303,7 @@ def training_images(
     """
     if trains_on_clips:
         options = clip_options(args, frame_multiple, class_name, default_frames=True)
-        if not args.train_data_dir:
+        if not args.train_data_dir or not Path(args.train_data_dir).is_dir():  # videos are read from a local folder
             raise _no_videos_error(args, class_name)
     source = open_training_source(args)
     if source is not None and source.kind == VideoFolderSource.kind:
