@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -113,6 +114,13 @@ def train_args(config: Path, output_dir: Path, data: str, *extra: str) -> list[s
         "--unit_size", str(PER_SHARD),
         *extra,
     ]  # fmt: skip
+
+
+def free_port() -> int:
+    """A free port for torchrun's rendezvous: the default 29500 collides with any other 2-process run here."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -235,11 +243,12 @@ def test_two_processes_give_the_result_of_one_on_streamed_shards(data, tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()),
          str(REPO / "scripts" / "finetune_vae.py"), *train_args(config, tmp_path / "two", str(shards), *steps),
          "--checkpointing_steps", "2"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-10000:]
     assert "x 2 processes" in result.stdout  # really two
     assert [row["step"] for row in read_jsonl(tmp_path / "two" / "train_log.jsonl")] == [1, 2, 3, 4]
     # Each checkpoint holds both ranks' stream positions (gathered from the two processes).
@@ -436,14 +445,14 @@ def test_two_processes_give_the_result_of_one_on_a_video_class(videos, tmp_path)
         video_args(config, tmp_path / "one", folder, *steps, "--dataloader_num_workers", "2",
                    "--gradient_accumulation_steps", "2")
     )  # fmt: skip
-    launch, launch_env = cpu_launch(2)
+    launch, launch_env = cpu_launch(2, port=free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **launch_env}
     result = subprocess.run(
         [*launch, str(REPO / "scripts" / "finetune_vae.py"),
          *video_args(config, tmp_path / "two", folder, *steps, "--checkpointing_steps", "3")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-10000:]
     assert "AutoencoderKLWan" in result.stdout and "x 2 processes" in result.stdout  # really two
     # Both ranks' stream positions are in the checkpoint (3 batches each, gathered from the two processes).
     state = json.loads((tmp_path / "two" / "checkpoint-3" / "data_state.json").read_text())
