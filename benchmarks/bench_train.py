@@ -217,7 +217,7 @@ def bare_class_step_seconds(name: str, pixels: torch.Tensor, steps: int) -> floa
 
 def run_classes(steps: int, threads: int) -> None:
     from diffusers_vae_ext.autoencoders import as_autoencoder
-    from diffusers_vae_ext.training.clips import crop_clip
+    from diffusers_vae_ext.training.data import centre_cropped_clip
     from diffusers_vae_ext.training.model import model_from_config
     from diffusers_vae_ext.video import pan_zoom_frames, write_pan_zoom_video
 
@@ -239,7 +239,10 @@ def run_classes(steps: int, threads: int) -> None:
             if video:
                 batch = 2
                 pixels = torch.stack(
-                    [crop_clip(pan_zoom_frames(p, frames, (96, 96)), resolution) for p in ("astronaut", "rocket")]
+                    [
+                        centre_cropped_clip(pan_zoom_frames(p, frames, (96, 96)), resolution)
+                        for p in ("astronaut", "rocket")
+                    ]
                 )
             else:
                 batch = 4

@@ -51,10 +51,17 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 def sync_tree(root: str | os.PathLike) -> None:
-    """fsync every file under `root`, then every folder bottom-up, then `root` itself."""
+    """fsync every file under `root`, then every folder bottom-up, then `root` itself.
+
+    Files that vanish between the listing and the fsync are passed over: in a folder several processes write
+    (a checkpoint), they are another process's temporary files, renamed since by that process, which flushes them.
+    """
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            fsync_file(os.path.join(folder, name))
+            try:
+                fsync_file(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
         fsync_dir(folder)
 
 

@@ -26,6 +26,24 @@ def test_atomic_write_text_keeps_mode_and_gives_new_files_the_usual_one(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
+def test_sync_tree_passes_over_a_file_another_process_renamed_meanwhile(tmp_path, monkeypatch):
+    # In a checkpoint two processes write, rank 1 listed rank 0's temporary `.tmpXXXX` just before rank 0 renamed
+    # it (seen as a FileNotFoundError crash of a 2-process run): the listing holds a name that is gone.
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    walk = os.walk
+
+    def listing_with_a_vanished_file(root, topdown=True):
+        for folder, folders, files in walk(root, topdown=topdown):
+            yield folder, folders, [".tmpNsT9vo", *files]
+
+    monkeypatch.setattr(atomic.os, "walk", listing_with_a_vanished_file)
+    synced = []
+    fsync = atomic.fsync_file
+    monkeypatch.setattr(atomic, "fsync_file", lambda path: (fsync(path), synced.append(os.path.basename(path))))
+    atomic.sync_tree(tmp_path)
+    assert synced == ["model.safetensors"]  # the files still there are flushed
+
+
 def test_safetensors_problem_sees_truncated_and_padded_files(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.arange(100.0)}, str(path))

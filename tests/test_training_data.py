@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, cpu_launch
 from safetensors.torch import load_file
 
 from diffusers_vae_ext import training
@@ -112,6 +114,13 @@ def train_args(config: Path, output_dir: Path, data: str, *extra: str) -> list[s
         "--unit_size", str(PER_SHARD),
         *extra,
     ]  # fmt: skip
+
+
+def free_port() -> int:
+    """A free port for torchrun's rendezvous: the default 29500 collides with any other 2-process run here."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -234,11 +243,12 @@ def test_two_processes_give_the_result_of_one_on_streamed_shards(data, tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()),
          str(REPO / "scripts" / "finetune_vae.py"), *train_args(config, tmp_path / "two", str(shards), *steps),
          "--checkpointing_steps", "2"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-10000:]
     assert "x 2 processes" in result.stdout  # really two
     assert [row["step"] for row in read_jsonl(tmp_path / "two" / "train_log.jsonl")] == [1, 2, 3, 4]
     # Each checkpoint holds both ranks' stream positions (gathered from the two processes).
@@ -351,7 +361,8 @@ def test_video_folder_streams_clips_cut_as_the_cache_cuts_them(tmp_path):
          "--report_to", "none", "--resolution", "32"]
     )  # fmt: skip
     train, validation, description = training.training_images(args)
-    assert "video_folder" in description and train.held_out == ["astronaut.mp4"]
+    assert "4 videos" in description and "streamed as clips of 9 frames" in description
+    assert train.held_out == ["astronaut.mp4"]
     with pytest.raises(ValueError, match="needs --num_frames"):
         training.training_images(training.parse_args(["--train_data_dir", str(root), "--report_to", "none"]))
     held_out_clips = training.validation_batch(validation, 32, 3, 4)
@@ -373,6 +384,117 @@ def test_video_folder_streams_clips_cut_as_the_cache_cuts_them(tmp_path):
     skipped = read_jsonl(tmp_path / "o" / SKIPPED_FILE)
     assert [(row["source"], row["kind"]) for row in skipped] == [("short.mp4", "too_short")]
     assert next(iter(read_unit_items(train.source, train.units[0]))).extra["path"].endswith(".mp4")
+
+
+# ------------------------------------------------------------------------------------------ a video class
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny AutoencoderKLWan config and five real mp4s (a camera panning and zooming over five photos, 12
+    frames, two 5-frame clips each); the first video is held out for validation."""
+    pytest.importorskip("av", reason="videos need PyAV (pip install 'diffusers-vae-ext[video]')")
+    from autoencoder_configs import TINY_CONFIGS
+
+    from diffusers_vae_ext.video import write_pan_zoom_video
+
+    root = tmp_path_factory.mktemp("videos")
+    config = root / "wan.json"
+    config.write_text(json.dumps({"_class_name": "AutoencoderKLWan", **TINY_CONFIGS["AutoencoderKLWan"]}))
+    for photo in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"):
+        write_pan_zoom_video(root / "clips" / f"{photo}.mp4", photo, num_frames=12, size=(48, 48))
+    return config, root / "clips"
+
+
+def video_args(config: Path, output_dir: Path, folder: Path, *extra: str) -> list[str]:
+    """A video class on a video folder: clips of 5 frames, 2 per video, one video per unit (4 training units)."""
+    args = train_args(config, output_dir, str(folder), "--num_frames", "5", "--clips_per_video", "2", *extra)
+    args[args.index("--unit_size") + 1] = "1"
+    return args
+
+
+def test_a_video_class_reads_each_clip_once_per_epoch_over_2_ranks(videos, tmp_path):
+    config, folder = videos
+    args = training.parse_args(video_args(config, tmp_path / "o", folder))
+    train, validation, _ = training.training_images(args, True, 4, "AutoencoderKLWan")
+    assert train.held_out == ["astronaut.mp4"] and len(train.units) == 5
+    assert [clip.clip_id for clip in validation] == ["astronaut.mp4:clip0"]  # --num_validation_images 1
+    served = []
+    for rank in range(2):  # what each of 2 processes reads (consumer = rank without DataLoader workers)
+        dataset = StreamedImages(
+            train.source, train.units, 32, 3, held_out=train.held_out, rank=rank, world_size=2,
+            clip_options=train.clip_options, frame_multiple=4, random_flip=True,
+        )  # fmt: skip
+        for sample in dataset.consumer_stream(rank, 2):
+            if sample["epoch"] > 0:
+                break
+            assert sample["pixel_values"].shape == (3, 5, 32, 32)
+            served.append((rank, sample["key"]))
+    keys = [key for _, key in served]
+    expected = {f"{name}.mp4#clip{k}" for name in ("chelsea", "coffee", "rocket", "hubble_deep_field") for k in (0, 1)}
+    assert sorted(keys) == sorted(expected)  # every training clip once, none twice, the held-out video never
+    assert {rank for rank, _ in served} == {0, 1}
+    by_video = {key.split("#")[0]: rank for rank, key in served}
+    assert all(by_video[key.split("#")[0]] == rank for rank, key in served)  # a video's clips stay with its reader
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_result_of_one_on_a_video_class(videos, tmp_path):
+    config, folder = videos
+    steps = ("--max_train_steps", "3", "--train_batch_size", "1")
+    # As for shards: 1 process with 2 DataLoader workers and 2 accumulation steps has the readers of 2 processes.
+    one = training.main(
+        video_args(config, tmp_path / "one", folder, *steps, "--dataloader_num_workers", "2",
+                   "--gradient_accumulation_steps", "2")
+    )  # fmt: skip
+    launch, launch_env = cpu_launch(2, port=free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **launch_env}
+    result = subprocess.run(
+        [*launch, str(REPO / "scripts" / "finetune_vae.py"),
+         *video_args(config, tmp_path / "two", folder, *steps, "--checkpointing_steps", "3")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-10000:]
+    assert "AutoencoderKLWan" in result.stdout and "x 2 processes" in result.stdout  # really two
+    # Both ranks' stream positions are in the checkpoint (3 batches each, gathered from the two processes).
+    state = json.loads((tmp_path / "two" / "checkpoint-3" / "data_state.json").read_text())
+    assert state["processes"] == 2 and set(state["positions"]) == {"0", "1"}
+    assert state["batches"] == {"0": 3, "1": 3}
+    # The logs cannot be compared (one process logs its 2nd micro-batch's loss, two log rank 0's): the weights
+    # are. The same clips meet the same noise (gradient norms equal to 8 digits); what differs is float32
+    # rounding (accumulation vs gloo's all-reduce), which AdamW turns into at most a few % of one step (lr 1e-3)
+    # where a gradient is near zero: measured 5e-6 after 3 steps. Other clips move the weights by 2e-3 to 6e-3.
+    final_one = load_file(str(one / "diffusion_pytorch_model.safetensors"))
+    final_two = load_file(str(tmp_path / "two" / "diffusion_pytorch_model.safetensors"))
+    start = build_start(config)
+    assert max((final_one[k] - start[k]).abs().max().item() for k in final_one) > 1e-3  # it trained
+    for key, value in final_one.items():
+        torch.testing.assert_close(final_two[key], value, rtol=0, atol=5e-5)
+
+
+def build_start(config: Path) -> dict[str, torch.Tensor]:
+    """The weights the trainer starts from with `--model_config config` (seed 0)."""
+    from accelerate.utils import set_seed
+
+    set_seed(0)  # as the trainer does before building the model from its config
+    return training.load_vae(training.parse_args(["--model_config", str(config), "--report_to", "none"])).state_dict()
+
+
+def test_an_unreadable_video_is_skipped_and_listed_without_stopping(videos, tmp_path, capsys):
+    config, folder = videos
+    shutil.copytree(folder, tmp_path / "clips")
+    # First in the listing (where the held-out video is picked: it is passed over), and not a video at all.
+    (tmp_path / "clips" / "aaa_broken.mp4").write_bytes(b"this is not a video")
+    from diffusers_vae_ext.video import write_pan_zoom_video
+
+    write_pan_zoom_video(tmp_path / "clips" / "short.mp4", "coffee", num_frames=3, size=(48, 48))  # < 5 frames
+    out = training.main(video_args(config, tmp_path / "run", tmp_path / "clips", "--max_train_steps", "5"))
+    assert [row["step"] for row in read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4, 5]
+    recipe = json.loads((out / "training_recipe.json").read_text())
+    assert recipe["data"]["held_out"] == ["astronaut.mp4"]
+    skipped = read_jsonl(out / SKIPPED_FILE)
+    by_source = {row["source"]: row for row in skipped}
+    assert by_source["aaa_broken.mp4"]["kind"] == "unreadable" and by_source["short.mp4"]["kind"] == "too_short"
+    assert len(skipped) == len({(row["epoch"], row["source"]) for row in skipped})  # each listed once per epoch
+    assert f"Skipped {len(skipped)} inputs" in capsys.readouterr().out
 
 
 def test_the_recipe_describes_the_data_without_credentials(data):

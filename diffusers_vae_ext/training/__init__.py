@@ -25,10 +25,9 @@ Modules, lower layers first (none imports `loop`):
 
 - `arguments`: `parse_args` (every argument and default), `resolve_mixed_precision`, the built-in configs;
 - `data`: training and held-out images, the training DataLoader, the posterior noise per step;
-- `streaming`: shards, parquet, URLs and videos streamed over (process, worker) readers, each sample once per
-  epoch, with the stream's position in every checkpoint (exact resume);
-- `clips`: training and held-out clips of a local video folder for video classes (`{"pixel_values": (N, C, T,
-  H, W)}`), cut as `cache`/`stats` cut them;
+- `streaming`: shards, parquet, URLs and video folders (clips cut as `cache`/`stats` cut them, `{"pixel_values":
+  (N, C, T, H, W)}` for video classes) streamed over (process, worker) readers, each sample once per epoch, with
+  the stream's position in every checkpoint (exact resume);
 - `model`: what is trained: `load_vae` (any class the adapter loads, or a config with `_class_name`),
   `VAETrainingForward` (the module the optimiser sees: posterior or deterministic latents, 4-D or 5-D, decoder-only,
   distillation against `load_teacher`), EMA weights;

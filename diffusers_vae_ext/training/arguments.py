@@ -105,9 +105,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     data.add_argument(
         "--unit_size",
         type=int,
-        default=512,
-        help="images / videos / dataset rows per unit of the epoch order (a tar shard or a parquet row group is "
-        "one unit anyway); units are shuffled per epoch and split over processes x workers",
+        default=None,
+        help="images / videos / dataset rows per unit of the epoch order (default 512; videos: 32, as `cache` "
+        "cuts them; a tar shard or a parquet row group is one unit anyway); units are shuffled per epoch and "
+        "split over processes x workers",
     )
     data.add_argument(
         "--shuffle_buffer", type=int, default=1000, help="samples held per reader to shuffle within its units"
@@ -280,7 +281,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "unit_size",
         "shuffle_buffer",
     ):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.discriminator_weights and args.disc_weight <= 0:
         parser.error("--discriminator_weights needs the discriminator: drop --disc_weight 0")

@@ -1,8 +1,8 @@
-"""The trainer's data: training and held-out images, the training DataLoader, and the posterior noise per step.
+"""The trainer's data: training and held-out images or clips, the training DataLoader, the posterior noise per step.
 
 Every input the latent cache reads comes through `training_images` (see there, and `streaming.py` for the order
-and the split across processes and workers). Everything is a function of (seed, epoch, step, sample), so a resumed
-run sees the same batches, crops and noise.
+and the split across processes and workers), video folders for video classes included. Everything is a function
+of (seed, epoch, step, sample), so a resumed run sees the same batches, crops and noise.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ _NUM_FRAMES_NEEDED = (
 
 # Validation photo held out of the built-in sample set: a still life the model never sees in training.
 BUILTIN_VALIDATION_PHOTOS = ("coffee",)
+
+# Default --unit_size: images per unit, and videos per unit (a video gives clips that are each decoded, so units of
+# videos are smaller, as `diffusers-vae cache` cuts them: enough units for several processes x workers).
+IMAGE_UNIT_SIZE = 512
+VIDEO_UNIT_SIZE = 32
 
 
 class DatasetImages(Sequence):
@@ -86,9 +91,17 @@ class StreamedSource(Sequence):
     `--recompute_scaling_factor` measure on, since a stream has no random access.
     """
 
-    def __init__(self, source: Any, units: list, held_out: Sequence[str], sample_size: int = 256, clip_options=None):
+    def __init__(
+        self,
+        source: Any,
+        units: list,
+        held_out: Sequence[str],
+        sample_size: int = 256,
+        clip_options=None,
+        frame_multiple: int = 1,
+    ):
         self.source, self.units, self.held_out = source, units, list(held_out)
-        self.sample_size, self.clip_options = sample_size, clip_options
+        self.sample_size, self.clip_options, self.frame_multiple = sample_size, clip_options, frame_multiple
         self._sample: list | None = None
 
     @property
@@ -107,12 +120,10 @@ class StreamedSource(Sequence):
         return self._images()[index]
 
 
-def _usable(
-    stream: StreamedSource, count: int, skip: set[str] = frozenset(), clips: bool = False
-) -> list[tuple[str, Any]]:
+def _usable(stream: StreamedSource, count: int, skip: set[str] = frozenset()) -> list[tuple[str, Any]]:
     """The first `count` readable images of the source in listing order: (label, bytes); for videos (label, the
-    first clip as a `video.VideoClip` with `clips`, else the first frame of the first clip as a PIL image)."""
-    from ..video import ClipOptions, VideoError, clips_from_file, read_frames
+    first frame of the first clip as a PIL image)."""
+    from ..video import VideoError, clips_from_file, read_frames
 
     found: list[tuple[str, Any]] = []
     for unit in stream.units:
@@ -121,8 +132,9 @@ def _usable(
                 continue
             if stream.video:
                 try:
-                    clip = clips_from_file(item.extra["path"], stream.clip_options or ClipOptions(), 1, item.label)[0]
-                    found.append((item.label, clip if clips else Image.fromarray(read_frames(clip)[0])))
+                    path, options = item.extra["path"], stream.clip_options
+                    clip = clips_from_file(path, options, stream.frame_multiple, item.label)[0]
+                    found.append((item.label, Image.fromarray(read_frames(clip)[0])))
                 except (VideoError, OSError):
                     continue
             else:
@@ -136,30 +148,110 @@ def _usable(
     return found
 
 
-def clip_options(args: argparse.Namespace):
-    """`video.ClipOptions` from the video arguments (clips cut as `diffusers-vae cache` / `stats` cut them)."""
+def clip_options(
+    args: argparse.Namespace,
+    frame_multiple: int = 1,
+    class_name: str = "this autoencoder",
+    default_frames: bool = False,
+):
+    """`video.ClipOptions` from the video arguments (clips cut as `diffusers-vae cache` / `stats` cut them),
+    checked against the class's frame rule (`frame_multiple * k + 1` frames) before any file is read.
+
+    `--num_frames` unset: with `default_frames` (a video class) `frame_multiple + 1`, the class's shortest clip with
+    motion; otherwise an error (every clip of a batch has the same length).
+    """
     from ..video import ClipOptions
 
-    return ClipOptions(
-        num_frames=args.num_frames,
+    num_frames = args.num_frames
+    if num_frames is None:
+        if not default_frames:
+            raise ValueError(_NUM_FRAMES_NEEDED)
+        num_frames = frame_multiple + 1
+    options = ClipOptions(
+        num_frames=num_frames,
         frame_stride=args.frame_stride,
         fps=args.fps,
         clips_per_video=args.clips_per_video,
         sequence_fps=args.sequence_fps,
     )
+    options.check(frame_multiple, class_name)
+    return options
 
 
 def open_training_source(args: argparse.Namespace):
     """The cache's `Source` behind `--train_data_dir` (any folder, shards, parquet, URL), or None without one."""
     if not args.train_data_dir:
         return None
-    return open_source(
+    source = open_source(
         args.train_data_dir,
         image_column=args.image_column if args.image_column != "image" else None,
-        unit_size=args.unit_size,
+        unit_size=args.unit_size or IMAGE_UNIT_SIZE,
         storage_options=args.storage_options,
         image_sequences=args.image_sequence,
     )
+    if args.unit_size is None and source.kind == VideoFolderSource.kind:
+        source.unit_size = VIDEO_UNIT_SIZE  # known only once the folder is seen to hold videos
+    return source
+
+
+def _no_videos_error(args: argparse.Namespace, class_name: str) -> ValueError:
+    folder = args.train_data_dir
+    given = f"--train_data_dir {folder}" if folder else ("--dataset_name" if args.dataset_name else "no data")
+    return ValueError(
+        f"{class_name} is a video autoencoder and trains on clips, but {given} has no video files. Pass a "
+        "folder of videos (.mp4, .webm, .mov, ...) with --train_data_dir, or train an image class."
+    )
+
+
+def _held_out_videos(
+    source: Any, options: Any, frame_multiple: int, count: int
+) -> tuple[list[str], list[Any], list[str]]:
+    """(labels, clips, reasons) of the held-out videos of a video folder: `count` videos evenly spread over the
+    sorted listing (for each, the first video from there on that gives a clip), held out whole; `reasons` say why
+    the videos passed over give none. Only these few videos are probed: the stream plans the others as it reads."""
+    from ..video import VideoError, clips_from_file
+
+    labels: list[str] = []
+    clips: list[Any] = []
+    reasons: list[str] = []
+    picks = sorted(set(np.linspace(0, len(source) - 1, count).round().astype(int).tolist()))
+    position = 0
+    for pick in picks:
+        for index in range(max(pick, position), len(source)):
+            position = index + 1
+            try:
+                found = clips_from_file(source.videos[index], options, frame_multiple, source.labels[index])
+            except (VideoError, OSError) as err:
+                reasons.append(f"{source.labels[index]}: {err}")
+                continue
+            labels.append(source.labels[index])
+            clips.extend(found)
+            break
+    return labels, clips, reasons
+
+
+def _streamed_videos(
+    args: argparse.Namespace, source: Any, options: Any, frame_multiple: int
+) -> tuple[StreamedSource, list, str]:
+    """A video folder as a stream of clips, with whole videos held out for validation (as many as images would be:
+    one in five, at most `--num_validation_images`), their first `--num_validation_images` clips the held-out set."""
+    units = list(source.units())
+    count = max(1, min(args.num_validation_images, len(source) // 5))
+    labels, clips, reasons = _held_out_videos(source, options, frame_multiple, count)
+    if not labels:
+        raise ValueError(
+            f"No video in {args.train_data_dir} gives a clip of {options.num_frames} frames: {'; '.join(reasons)}"
+        )
+    if len(source) < 2:
+        logger.warning("Only one video: validation uses its clips too (they are not held out).")
+        labels = []
+    stream = StreamedSource(source, units, labels, clip_options=options, frame_multiple=frame_multiple)
+    validation = clips[: max(1, args.num_validation_images)]
+    description = (
+        f"{len(source)} videos in {source.root} ({len(units)} units of {source.unit_size}), streamed as clips of "
+        f"{options.num_frames} frames ({len(labels)} held-out videos, {len(validation)} clips for validation)"
+    )
+    return stream, validation, description
 
 
 def _is_local_image_folder(source: Any) -> bool:
@@ -186,36 +278,47 @@ def _unit_lengths(count: int, unit_size: int, training: Sequence[int]) -> list[i
     return [n for n in lengths if n]
 
 
-def training_images(args: argparse.Namespace) -> tuple[Sequence, Sequence, str]:
-    """(training images, held-out validation images, description), through one door for every input:
+def training_images(
+    args: argparse.Namespace,
+    trains_on_clips: bool = False,
+    frame_multiple: int = 1,
+    class_name: str = "this autoencoder",
+) -> tuple[Sequence, Sequence, str]:
+    """(training images or clips, held-out validation images or clips, description), one door for every input:
 
     - a local image folder and a `--dataset_name` dataset are read map-style (random access, today's speed) in the
       streamed order's map-style twin (`streaming.EpochOrderSampler` over units of `--unit_size` images): a
       `UnitImages` list of files, or `DatasetImages`; the built-in photos too, in their own per-epoch
       permutation (`data.EpochShuffleSampler`, so the README's first run is what it always was);
-    - anything else the latent cache reads (webdataset shards, parquet, any fsspec URL, a video folder) is
-      streamed: a `StreamedSource`, held-out images being the first readable ones of the first units.
+    - anything else the latent cache reads (webdataset shards, parquet, any fsspec URL) is streamed: a
+      `StreamedSource`, held-out images being the first readable ones of the first units;
+    - a video folder is streamed as clips (`video.ClipOptions` from the video arguments, `clip_options`) over its
+      units of `--unit_size` videos, whole videos held out (`_streamed_videos`); the held-out set is a list of
+      `video.VideoClip`. `trains_on_clips` (a video class, whose `frame_multiple` and `class_name` give the frame
+      rule): `--num_frames` defaults to the class's shortest clip and is checked before any file is read, and the
+      data must be a video folder.
 
     The same images as a folder and as shards (cut into units the same way) give the same samples in the same
     order with the same crops. Missing folders, empty ones and unreachable URLs fail here, before any model work.
     """
+    if trains_on_clips:
+        options = clip_options(args, frame_multiple, class_name, default_frames=True)
+        if not args.train_data_dir or not Path(args.train_data_dir).is_dir():  # videos are read from a local folder
+            raise _no_videos_error(args, class_name)
     source = open_training_source(args)
+    if source is not None and source.kind == VideoFolderSource.kind:
+        if not trains_on_clips:  # an image class given videos: clips of --num_frames frames
+            options = clip_options(args)
+        return _streamed_videos(args, source, options, frame_multiple)
+    if trains_on_clips:
+        raise _no_videos_error(args, class_name)
     if source is not None and not _is_local_image_folder(source):
         units = list(source.units())
-        options = _maybe_clip_options(args)
-        count = max(1, args.num_validation_images)
-        video = source.kind == VideoFolderSource.kind
-        if video:
-            if args.num_frames is None:
-                raise ValueError(_NUM_FRAMES_NEEDED)
-            count = 1 if len(source) > 1 else 0  # the first video; its first clip is the validation sample
-        validation = _usable(StreamedSource(source, units, [], clip_options=options), max(1, count), clips=video)
+        validation = _usable(StreamedSource(source, units, []), max(1, args.num_validation_images))
         if not validation:
-            raise ValueError(f"No readable image or video in the first units of {args.train_data_dir!r}.")
-        held_labels = [label for label, _ in validation] if count else []
-        if not count:
-            logger.warning("Only one video: validation uses it too (it is not held out).")
-        stream = StreamedSource(source, units, held_labels, clip_options=options)
+            raise ValueError(f"No readable image in the first units of {args.train_data_dir!r}.")
+        held_labels = [label for label, _ in validation]
+        stream = StreamedSource(source, units, held_labels)
         what = {"webdataset": "webdataset shards", "parquet": "parquet files", "image_folder": "image folder"}
         description = (
             f"{what.get(source.kind, source.kind)} at {source.describe().get('path', args.train_data_dir)}, "
@@ -227,7 +330,7 @@ def training_images(args: argparse.Namespace) -> tuple[Sequence, Sequence, str]:
         description = f"{len(files)} images from {args.train_data_dir}"
         rest, picks = _hold_out(len(files), args)
         train = UnitImages(files[i] for i in rest)
-        train.unit_lengths = _unit_lengths(len(files), args.unit_size, rest)
+        train.unit_lengths = _unit_lengths(len(files), args.unit_size or IMAGE_UNIT_SIZE, rest)
         return train, [files[i] for i in picks], f"{description} ({len(picks)} held out for validation)"
     if args.dataset_name:
         images = load_dataset_images(args)
@@ -235,7 +338,7 @@ def training_images(args: argparse.Namespace) -> tuple[Sequence, Sequence, str]:
             raise ValueError(f"The dataset {args.dataset_name!r} has no rows in split {args.dataset_split!r}.")
         rest, picks = _hold_out(len(images), args)
         train, validation = images.subset(rest), images.subset(picks)
-        train.unit_lengths = _unit_lengths(len(images), args.unit_size, rest)
+        train.unit_lengths = _unit_lengths(len(images), args.unit_size or IMAGE_UNIT_SIZE, rest)
         return (
             train,
             validation,
@@ -269,13 +372,14 @@ def redacted_storage_options(options: dict | None) -> dict | None:
 def describe_training_data(args: argparse.Namespace, images: Sequence) -> dict[str, Any]:
     """What a run's recipe records about its data (JSON-ready, never credentials): the input, how it is read,
     the order's settings and the held-out samples."""
-    order = {"seed": args.seed, "unit_size": args.unit_size, "shuffle_buffer": args.shuffle_buffer}
+    unit_size = getattr(getattr(images, "source", None), "unit_size", None) or args.unit_size or IMAGE_UNIT_SIZE
+    order = {"seed": args.seed, "unit_size": unit_size, "shuffle_buffer": args.shuffle_buffer}
     if isinstance(images, StreamedSource):
         record = {**images.source.describe(), "read": "streamed", "num_units": len(images.units)}
         record["held_out"] = list(images.held_out)
         record["storage_options"] = redacted_storage_options(args.storage_options)
         if images.video:
-            record["clips"] = clip_options(args).to_dict()
+            record["clips"] = images.clip_options.to_dict()
         return {**record, **order}
     if args.train_data_dir:
         record = {"type": "image_folder", "path": str(args.train_data_dir)}
@@ -286,10 +390,6 @@ def describe_training_data(args: argparse.Namespace, images: Sequence) -> dict[s
     return {**record, "read": "map-style", "num_train_images": len(images), **order}
 
 
-def _maybe_clip_options(args: argparse.Namespace):
-    return clip_options(args) if getattr(args, "num_frames", None) is not None else None
-
-
 def validation_batch(
     images: list, resolution: int, channels: int, count: int, resize_to: int | None = None
 ) -> torch.Tensor:
@@ -298,7 +398,11 @@ def validation_batch(
     from ..video import VideoClip
 
     if images and isinstance(images[0], VideoClip):
-        return torch.stack([_centre_cropped_clip(clip, resolution, channels, resize_to) for clip in images])
+        from ..video import read_frames
+
+        return torch.stack(
+            [centre_cropped_clip(read_frames(clip), resolution, channels, resize_to) for clip in images]
+        )
     count = max(count, len(images))
     dataset = TrainingImageDataset(
         images, resolution, channels, random_crop=True, seed=2**31 - 1, min_length=count, resize_to=resize_to
@@ -306,40 +410,34 @@ def validation_batch(
     return torch.stack([dataset[index]["pixel_values"] for index in range(count)])
 
 
-def _centre_cropped_clip(clip: Any, resolution: int, channels: int, resize_to: int | None) -> torch.Tensor:
+def centre_cropped_clip(
+    frames: np.ndarray, resolution: int, channels: int = 3, resize_to: int | None = None
+) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) -> (channels, T, resolution, resolution) in [-1, 1]: each frame's short side
+    resized to `resize_to` (default `resolution`), then the same centred square crop (the training crop's
+    validation twin, `streaming.StreamedImages`)."""
     from ..data import random_crop_and_flip, to_model_channels
-    from ..video import frames_to_tensor, read_frames
+    from ..video import frames_to_tensor
 
     side = max(resize_to or resolution, resolution)
-    frames = [
-        np.asarray(random_crop_and_flip(Image.fromarray(f), resolution, side, None, random_crop=False))
-        for f in read_frames(clip)
+    cropped = [
+        np.asarray(random_crop_and_flip(Image.fromarray(f), resolution, side, None, random_crop=False)) for f in frames
     ]
-    return to_model_channels(frames_to_tensor(np.stack(frames)), channels)
+    return to_model_channels(frames_to_tensor(np.stack(cropped)), channels)
 
 
 def training_dataloader(
-    images: Sequence,
-    resolution: int,
-    channels: int,
-    args: argparse.Namespace,
-    accelerator: Any,
-    frame_multiple: int = 1,
+    images: Sequence, resolution: int, channels: int, args: argparse.Namespace, accelerator: Any
 ) -> tuple[Any, Any]:
     """The training batches of `images` (from `training_images`): (dataset, DataLoader to pass to `prepare`).
 
     Map-style images: random crops (and flips) in the per-epoch order of `EpochOrderSampler`; accelerate deals
     the batches out to the processes. A `StreamedSource`: a `StreamedImages` split over processes and DataLoader
     workers, behind a `StreamedLoader` (which `prepare` passes through) whose position is saved in every
-    checkpoint (`data_state.json`) so that a resumed run goes on with the same samples.
+    checkpoint (`data_state.json`) so that a resumed run goes on with the same samples; a video folder's clips
+    come cut as `images.clip_options` says, (N, C, T, H, W).
     """
     if isinstance(images, StreamedSource):
-        options = None
-        if images.video:
-            if args.num_frames is None:
-                raise ValueError(_NUM_FRAMES_NEEDED)
-            options = clip_options(args)
-            options.check(frame_multiple)
         dataset = StreamedImages(
             images.source,
             images.units,
@@ -353,8 +451,8 @@ def training_dataloader(
             world_size=accelerator.num_processes,
             shuffle_buffer=args.shuffle_buffer,
             output_dir=args.output_dir,
-            clip_options=options,
-            frame_multiple=frame_multiple,
+            clip_options=images.clip_options,
+            frame_multiple=images.frame_multiple,
         )
         consumers = accelerator.num_processes * max(1, args.dataloader_num_workers)
         if len(images.units) < consumers:

@@ -19,7 +19,6 @@ from ..modeling import AutoencoderKL
 from ..regularisers import encoder_last_layer, load_vision_model
 from .arguments import parse_args, resolve_mixed_precision
 from .checkpoints import StopRequested, logged_steps, register_ema_checkpointing, resume_state, save_checkpoint
-from .clips import clip_dataloader, training_clips, validation_clips_batch
 from .data import (
     describe_training_data,
     epoch_batches,
@@ -119,11 +118,9 @@ def train(args: argparse.Namespace) -> Path:
     vae = load_vae(args)
     adapter = as_autoencoder(vae)
     check_model_arguments(adapter, args)
-    clips = trains_on_clips(adapter)
-    if clips:
-        train_images, validation_images, source = training_clips(args, adapter.frame_multiple, adapter.class_name)
-    else:
-        train_images, validation_images, source = training_images(args)
+    train_images, validation_images, source = training_images(
+        args, trains_on_clips(adapter), adapter.frame_multiple, adapter.class_name
+    )
     teacher = load_teacher(args.teacher_vae, adapter) if args.teacher_vae else None
     if teacher is not None:
         teacher.vae.to(accelerator.device)
@@ -175,10 +172,7 @@ def train(args: argparse.Namespace) -> Path:
     )
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, **scheduler_steps)
 
-    if clips:
-        dataset, dataloader = clip_dataloader(train_images, resolution, args, accelerator.num_processes)
-    else:
-        dataset, dataloader = training_dataloader(train_images, resolution, channels, args, accelerator)
+    dataset, dataloader = training_dataloader(train_images, resolution, channels, args, accelerator)
     training_forward = VAETrainingForward(vae, args.train_decoder_only, teacher, args.distill_target)
     if discriminator is not None:
         disc_optimizer = torch.optim.AdamW(
@@ -204,14 +198,9 @@ def train(args: argparse.Namespace) -> Path:
     unwrapped_disc = accelerator.unwrap_model(discriminator) if discriminator is not None else None
     last_layer = last_decoder_layer(unwrapped_vae)
     encoder_layer = encoder_last_layer(unwrapped_vae) if alignment is not None else None
-    if clips:
-        validation_pixels = validation_clips_batch(
-            validation_images, resolution, args.num_validation_images, args.resize_to
-        )
-    else:
-        validation_pixels = validation_batch(
-            validation_images, resolution, channels, args.num_validation_images, args.resize_to
-        )
+    validation_pixels = validation_batch(
+        validation_images, resolution, channels, args.num_validation_images, args.resize_to
+    )
     d_loss_fn = discriminator_loss_fn(args.disc_loss)
 
     steps_per_epoch = updates_per_epoch(dataloader, args)  # a stream: --max_train_steps (one pass)
