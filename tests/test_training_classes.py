@@ -212,7 +212,8 @@ def test_distilled_student_decodes_the_teachers_latents_like_the_teacher(workdir
     # 5e-4 it learns (+0.9 dB; 3e-4: +0.6). It needs batch 4 (all four training clips each step): at batch 2 its
     # first and last steps see different clips and the held-out gain does not show (5e-4: -0.1 dB). HunyuanVideo
     # likewise: batch 2 gave +0.47 dB at 24 steps, -0.2 at 40, +0.13 at 60; batch 4 +0.87 at 40 (lr 1e-3: +0.73).
-    [("AutoencoderKLCogVideoX", 9, 2, "2e-3", True), ("AutoencoderKLHunyuanVideo", 5, 4, "2e-3", True),
+    # CogVideoX at 40 steps, batch 2: lr 1e-3 +0.22 dB, 2e-3 +0.34, 3e-3 +0.48 (one held-out clip: a noisy gain).
+    [("AutoencoderKLCogVideoX", 9, 2, "3e-3", True), ("AutoencoderKLHunyuanVideo", 5, 4, "2e-3", True),
      ("AutoencoderKLWan", 5, 2, "2e-3", False), ("AutoencoderKLLTXVideo", 9, 4, "5e-4", True)],
 )  # fmt: skip
 def test_video_class_trains_on_mp4_clips(workdir, video_dir, name, frames, batch, lr, learns):
