@@ -14,6 +14,16 @@ transforms of videos act on each frame (T is folded into the batch), on any devi
 
 Randomness comes from a `torch.Generator` the caller owns, so a resumed run that restores the generator's state
 draws the same transforms and noise as the uninterrupted one.
+
+Modules, lower layers first (each imports only those above it):
+
+- `transforms`: frame folding for videos, `resize_spatial`, the pixel/latent grid checks;
+- `equivariance`: EQ-VAE's `EquivarianceTransform` and `sample_equivariance_transform`;
+- `scale`: scale equivariance's `sample_scale_factor` and `scale_equivariance_pair`;
+- `noise`: `augment_latents` for noise-augmented decoders;
+- `metric`: `equivariance_error`;
+- `alignment`: VA-VAE's `VisionFoundationAlignment`, its adaptive weight, `load_vision_model`;
+- `defaults`: `REGULARISER_DEFAULTS`.
 """
 
 from .alignment import (
