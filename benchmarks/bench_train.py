@@ -375,6 +375,9 @@ def main() -> None:
     args = parser.parse_args()
     from diffusers_vae_ext.hardware import describe_path
 
+    if args.regularisers:
+        torch.set_num_threads(args.threads)  # before describing the path, which reports the thread count
+
     print(f"CPU: {cpu_model()}; torch {torch.__version__}")
     print(f"path: {describe_path()}; load average {os.getloadavg()}")
     if args.classes:
