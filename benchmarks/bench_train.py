@@ -22,14 +22,19 @@ the loop costs at most 10% over the bare step (its extras: data loading and deco
 non-finite checks, accelerate). The bare step runs before and after the loop and is averaged, since the load of a
 shared machine drifts.
 
-`--regularisers` trains the tests' tiny AutoencoderKL (8/16/16 channels, 4 latent channels, factor 4) from the same
-random start (seed 0) on 32 px crops of the built-in photos for `--steps` steps (default 200 here, lr 4e-3, batch 4,
-fp32) once without and once with each regulariser at its paper defaults (`--align_to`: a tiny *random* DINOv2
-built here, so its row shows the cost and the mechanics, not what real DINOv2 features do), and measures on 64
-fixed held-out 64x64 crops (`coffee`, `camera`; never trained on): the encoder's equivariance error
+`--regularisers` runs the same-start comparison that tests/test_training_regularisers.py asserts on
+(`diffusers_vae_ext.training.same_start`, `SameStartSetup`: the tests' tiny AutoencoderKL, 8/16/16 channels,
+4 latent channels, factor 4, trained from scratch from the same random start, `--seed`, on 32 px crops of the
+built-in photos, fp32) once without and once with each regulariser at its paper defaults (`--align_to`: a tiny
+*random* DINOv2 built here, so its row shows the cost and the mechanics, not what real DINOv2 features do), and
+measures on 32 fixed held-out 64x64 crops (`coffee`, `camera`; never trained on): the encoder's equivariance error
 (`regularisers.equivariance_error`: EQ-VAE's transforms, and 2x/4x downsampling for scale equivariance), the
 latents' `high_frequency_energy` (`diffusability.latent_spectrum`), `probe_loss` (`diffusability.measure_diffusability`
-with a short budget, `--probe_steps`, default 150) and the run's held-out PSNR.
+with a short budget, `--probe_steps`, default the test's 40) and the PSNR of their reconstructions; s/step is each
+run's median (`--timing_only`: round-robin short runs, robust to load drift). Its last lines say whether the test's
+assertions hold at this setup; `--seed`, `--steps`, `--learning_rate`, `--resize_to` and `--only` check other setups:
+
+    python benchmarks/bench_train.py --regularisers --threads 1 --seed 1 --only equivariance scale_equivariance
 """
 
 from __future__ import annotations
@@ -259,59 +264,6 @@ def run_classes(steps: int, threads: int) -> None:
             print(f"{name:28s} {params:6.2f}M {bare:12.3f} {loop:12.3f} {loop / bare:10.2f}")
 
 
-# The tests' tiny AutoencoderKL (tests/autoencoder_configs.py), so the table and tests/test_training_regularisers.py
-# describe the same model.
-REGULARISER_CONFIG = dict(
-    _class_name="AutoencoderKL", down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-    block_out_channels=[8, 16, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4,
-)  # fmt: skip
-
-
-def held_out_crops(count: int = 64, size: int = 64) -> torch.Tensor:
-    """Fixed crops of `coffee` and `camera` (not in the built-in training photos) in [-1, 1]."""
-    import numpy as np
-    from skimage import data
-
-    crops, generator = [], torch.Generator().manual_seed(0)
-    for name in ("coffee", "camera"):
-        image = getattr(data, name)()
-        image = np.stack([image] * 3, -1) if image.ndim == 2 else image
-        pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 127.5 - 1
-        pixels = torch.nn.functional.interpolate(
-            pixels, scale_factor=256 / min(pixels.shape[-2:]), mode="bilinear", antialias=True
-        )[0]
-        for _ in range(count // 2):
-            y = int(torch.randint(0, pixels.shape[1] - size, (1,), generator=generator))
-            x = int(torch.randint(0, pixels.shape[2] - size, (1,), generator=generator))
-            crops.append(pixels[:, y : y + size, x : x + size])
-    return torch.stack(crops)
-
-
-def regulariser_effect(folder: Path, images: torch.Tensor, probe_steps: int) -> dict:
-    """Equivariance errors, high-frequency share and probe loss of the trained VAE in `folder` on `images`."""
-    from diffusers_vae_ext.diffusability import latent_spectrum, measure_diffusability
-    from diffusers_vae_ext.modeling import AutoencoderKL
-    from diffusers_vae_ext.regularisers import EquivarianceTransform, equivariance_error
-
-    vae = AutoencoderKL.from_pretrained(folder).eval()
-
-    def encode(x):
-        return vae.encode(x).latent_dist.mode()
-
-    down = {"down_2": EquivarianceTransform((0.5, 0.5)), "down_4": EquivarianceTransform((0.25, 0.25))}
-    with torch.no_grad():
-        latents = encode(images)
-        eq = equivariance_error(encode, images)
-        scale = equivariance_error(encode, images, transforms=down)
-    probe = measure_diffusability(latents, steps=probe_steps, batch_size=16, seed=0)
-    return {
-        "eq": eq,
-        "down": scale,
-        "hf": latent_spectrum(latents).high_frequency_energy,
-        "probe": probe.probe_loss,
-    }
-
-
 def regulariser_costs(variants: dict[str, list[str]], config: Path, threads: int, rounds: int = 3) -> dict:
     """s/step of each variant, timed round-robin (`rounds` short runs each, the fastest kept) so that a machine
     whose load drifts over minutes weighs on every variant alike."""
@@ -324,27 +276,31 @@ def regulariser_costs(variants: dict[str, list[str]], config: Path, threads: int
     return best
 
 
-def run_regularisers(steps: int, threads: int, probe_steps: int, timing_only: bool = False) -> None:
+def tiny_dinov2(folder: Path) -> Path:
+    """A tiny *random* DINOv2 (patch 4, width 16) saved as a transformers folder, as the tests build it."""
     from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=4, image_size=32
+    )
+    Dinov2Model(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def run_regularisers(
+    setup, threads: int, probe_steps: int, timing_only: bool = False, only: tuple[str, ...] = ()
+) -> None:
+    from diffusers_vae_ext.training.same_start import held_out_crops, regulariser_effect, train_from_same_start
 
     torch.set_num_threads(threads)
     images = held_out_crops()
     print(
-        f"tiny AutoencoderKL (8/16/16, 4 latent channels, factor 4) from the same random start, {steps} steps, "
-        f"32 px batch 4, lr 4e-3, fp32, {threads} threads; effects on 64 held-out 64x64 crops; probe "
+        f"{setup.describe()}; {threads} thread(s); effects on {len(images)} held-out 64x64 crops, probe "
         f"{probe_steps} steps"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "tiny.json"
-        config.write_text(json.dumps(REGULARISER_CONFIG))
-        dinov2 = Path(tmp) / "dinov2"
-        torch.manual_seed(0)
-        Dinov2Model(
-            Dinov2Config(
-                hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=4,
-                image_size=32,
-            )
-        ).save_pretrained(dinov2, safe_serialization=True)  # fmt: skip
+        dinov2 = tiny_dinov2(Path(tmp) / "dinov2")
         variants = {
             "none (L1 + KL)": [],
             "--equivariance": ["--equivariance"],
@@ -352,7 +308,15 @@ def run_regularisers(steps: int, threads: int, probe_steps: int, timing_only: bo
             "--align_to (random DINOv2)": ["--align_to", str(dinov2)],
             "--latent_noise (0.1)": ["--latent_noise"],
         }
+        if only:
+            variants = {
+                name: flags
+                for name, flags in variants.items()
+                if name.split()[0].strip("-") in only or name == "none (L1 + KL)"
+            }
         if timing_only:
+            config = Path(tmp) / "tiny.json"
+            config.write_text(json.dumps(setup.model_config))
             costs = regulariser_costs(variants, config, threads)
             base = costs["none (L1 + KL)"]
             print(f"{'regulariser':26s} {'s/step':>7s} {'x none':>7s}  (round-robin, fastest of 3 runs of 40 steps)")
@@ -363,21 +327,23 @@ def run_regularisers(steps: int, threads: int, probe_steps: int, timing_only: bo
             f"{'regulariser':26s} {'s/step':>7s} {'x none':>7s} {'EQ err':>7s} {'down err':>9s} {'HF share':>9s} "
             f"{'probe':>7s} {'PSNR dB':>8s}"
         )
-        base = None
+        base, effects = None, {}
         for name, flags in variants.items():
-            out = Path(tmp) / name.split()[0].strip("-")
-            extra = [
-                "--model_config", str(config), "--mixed_precision", "no", "--learning_rate", "4e-3",
-                "--lr_warmup_steps", "0", "--validation_steps", str(steps), *flags,
-            ]  # fmt: skip
-            seconds = run_variant(extra, steps, 32, 4, threads, output_dir=out)["seconds"]
-            base = base or seconds
-            effect = regulariser_effect(out, images, probe_steps)
-            psnr = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line][-1]["psnr"]
+            out = train_from_same_start(Path(tmp) / name.split()[0].strip("-"), setup, flags)
+            effect = effects[name] = regulariser_effect(out, images, probe_steps)
+            base = base or effect
             print(
-                f"{name:26s} {seconds:7.3f} {seconds / base:7.2f} {effect['eq']:7.3f} {effect['down']:9.3f} "
-                f"{effect['hf']:9.3f} {effect['probe']:7.3f} {psnr:8.2f}",
+                f"{name:26s} {effect['seconds']:7.3f} {effect['seconds'] / base['seconds']:7.2f} {effect['eq']:7.3f} "
+                f"{effect['down']:9.3f} {effect['hf']:9.3f} {effect['probe']:7.3f} {effect['psnr']:8.2f}",
                 flush=True,
+            )
+    # What tests/test_training_regularisers.py asserts, at this setup: EQ err -30 % or more and a lower HF share.
+    for name in ("--equivariance", "--scale_equivariance"):
+        if name in effects:
+            eq, hf = effects[name]["eq"] / base["eq"] - 1, effects[name]["hf"] / base["hf"] - 1
+            holds = eq <= -0.3 and hf < 0
+            print(
+                f"{name} vs none: EQ err {eq:+.0%}, HF share {hf:+.0%}: the test's assertions {'hold' if holds else 'FAIL'}"
             )
 
 
@@ -394,12 +360,26 @@ def main() -> None:
     parser.add_argument(
         "--regularisers", action="store_true", help="instead: each regulariser's cost per step and effect"
     )
-    parser.add_argument("--probe_steps", type=int, default=150, help="--regularisers: probe budget")
+    parser.add_argument("--probe_steps", type=int, default=40, help="--regularisers: probe budget (the test's 40)")
+    parser.add_argument("--seed", type=int, default=0, help="--regularisers: the random start (the test's 0)")
+    parser.add_argument("--learning_rate", type=float, default=None, help="--regularisers: default the test's")
+    parser.add_argument(
+        "--resize_to", type=int, default=None, help="--regularisers: built-in photos' short side (default the test's)"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        help="--regularisers: these flags only (and none), e.g. --only equivariance scale_equivariance",
+    )
     parser.add_argument(
         "--timing_only", action="store_true", help="--regularisers: only s/step, round-robin (robust to load drift)"
     )
     args = parser.parse_args()
     from diffusers_vae_ext.hardware import describe_path
+
+    if args.regularisers:
+        torch.set_num_threads(args.threads)  # before describing the path, which reports the thread count
 
     print(f"CPU: {cpu_model()}; torch {torch.__version__}")
     print(f"path: {describe_path()}; load average {os.getloadavg()}")
@@ -407,7 +387,13 @@ def main() -> None:
         run_classes(args.steps, args.threads)
         return
     if args.regularisers:
-        run_regularisers(args.steps if args.steps != 24 else 200, args.threads, args.probe_steps, args.timing_only)
+        from diffusers_vae_ext.training.same_start import SameStartSetup
+
+        setup = SameStartSetup(seed=args.seed)
+        setup.steps = args.steps if args.steps != 24 else setup.steps
+        setup.learning_rate = args.learning_rate or setup.learning_rate
+        setup.resize_to = args.resize_to or setup.resize_to
+        run_regularisers(setup, args.threads, args.probe_steps, args.timing_only, tuple(args.only))
         return
     if args.demo:
         runs = {mode: run_demo(mode, args.threads) for mode in ("auto", "no")}

@@ -39,6 +39,8 @@ Modules, lower layers first (none imports `loop`):
 - `validation`: held-out PSNR/SSIM with a picture per validation step, the loss curve;
 - `output`: the final folder, written aside and swapped in; latent statistics, discriminator, recipe;
 - `loop`: `train(args)` and `main(argv)`.
+- `same_start` (above `loop`): a regulariser's effect, the same model trained from the same start with and without it
+  and measured (equivariance error, high-frequency share, probe loss, PSNR); the tests and `bench_train.py` share it.
 """
 
 from .arguments import BUILTIN_CONFIGS, CONFIG_DIR, parse_args, resolve_mixed_precision
