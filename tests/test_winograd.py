@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_vae_ext import blocks
-from diffusers_vae_ext.winograd import MIN_CHANNELS, conv3x3_winograd, winograd_applies, winograd_weight
+from diffusers_vae_ext.winograd import MIN_CHANNELS, MIN_PIXELS, conv3x3_winograd, winograd_applies, winograd_weight
 
 
 def layer(in_channels: int, out_channels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,12 +23,13 @@ def channels_last(*shape: int, seed: int = 1) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("block_tiles", [256, 3])  # 3: several blocks per image, the last one short
 @pytest.mark.parametrize("shape", [(1, 64, 16, 16), (2, 32, 7, 9), (1, 8, 1, 1), (3, 16, 2, 5)])
-def test_winograd_equals_the_direct_convolution_at_any_size(shape):
+def test_winograd_equals_the_direct_convolution_at_any_size(shape, block_tiles):
     weight, bias = layer(shape[1], 24)
     x = channels_last(*shape)
     reference = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
-    got = conv3x3_winograd(x, weight, bias)
+    got = conv3x3_winograd(x, weight, bias, block_tiles=block_tiles)
     assert got.shape == reference.shape and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.double(), reference, rtol=0, atol=2e-6)
     torch.testing.assert_close(conv3x3_winograd(x, weight), F.conv2d(x, weight, padding=1), rtol=0, atol=2e-6)
@@ -39,7 +40,7 @@ def test_the_residual_is_accumulated_into_the_given_tensor(size):
     weight, bias = layer(32, 16)
     x, residual = channels_last(2, 32, *size), channels_last(2, 16, *size, seed=2)
     expected = residual.double() + F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
-    got = conv3x3_winograd(x, weight, bias, accumulate=residual)
+    got = conv3x3_winograd(x, weight, bias, accumulate=residual, block_tiles=5)
     assert got is residual
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6)
 
@@ -64,9 +65,11 @@ def test_the_weight_transform_is_g_g_gt():
 
 def test_winograd_applies_to_wide_float32_3x3_stride_1_layers_only():
     wide = torch.empty(MIN_CHANNELS, MIN_CHANNELS, 3, 3)
-    x = channels_last(1, MIN_CHANNELS, 4, 4)
+    side = int(MIN_PIXELS**0.5)
+    x = channels_last(1, MIN_CHANNELS, side, side)
     same = ((1, 1), (1, 1), (1, 1), 1)
     assert winograd_applies(wide, x, *same)
+    assert not winograd_applies(wide, x[:, :, : side // 2], *same)  # a small plane
     assert not winograd_applies(wide, x, (2, 2), (1, 1), (1, 1), 1)  # stride 2
     assert not winograd_applies(wide, x, (1, 1), (0, 0), (1, 1), 1)  # no padding
     assert not winograd_applies(wide[:, :, :1, :1], x, *same)  # 1x1
@@ -82,6 +85,7 @@ def test_the_fast_path_runs_wide_layers_through_winograd(monkeypatch):
     with torch.no_grad():
         for channels, calls_so_far in ((MIN_CHANNELS, 1), (MIN_CHANNELS // 2, 1)):
             conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
-            x = channels_last(1, channels, 6, 6)
+            side = int(MIN_PIXELS**0.5)
+            x = channels_last(1, channels, side, side)
             torch.testing.assert_close(blocks.conv2d(conv, x), conv(x), rtol=0, atol=2e-5)
             assert len(calls) == calls_so_far
