@@ -13,6 +13,8 @@ differently:
   PyTorch's `conv2d` re-packs them on every call, which costs up to a third of a 512-channel 3x3 convolution at
   32x32), and each ResNet block's residual add is fused into its second convolution, written into the shortcut;
   the packed copies (as large as the weights) are rebuilt when the weights change;
+- float32 3x3 convolutions of at least 512 channels run as Winograd F(2x2, 3x3) (`winograd.py`): 16 instead of 36
+  multiplies per 2x2 output tile, as matrix products, and closer to float64 than the direct convolution;
 - SiLU runs in place, and divisions by an output scale factor of 1 are skipped;
 - in float32 on CPU, every GroupNorm takes two-pass statistics (`group_norm_channels_last`): PyTorch's channels_last
   kernel sums x and x^2 in one float32 pass, whose error grows with the plane and the activations' mean (2e-4 at
@@ -48,6 +50,7 @@ from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlo
 from diffusers.models.upsampling import Upsample2D
 
 from .hardware import working_memory_format
+from .winograd import conv3x3_winograd, winograd_applies
 
 # Which 3x3 kernel rows feed each of the two taps of a sub-pixel phase. Output row 2i reads upsampled rows
 # 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps: kernel row 0 | rows 1+2); output row 2i+1 reads input rows i, i, i+1
@@ -437,6 +440,9 @@ def conv2d(conv: nn.Module, x: torch.Tensor, accumulate: torch.Tensor | None = N
             return out
         return accumulate.add_(out)
     conv_args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if winograd_applies(conv.weight, x, *conv_args):
+        # Wide float32 3x3 layers: 2.25x fewer multiplies (`winograd.py`); no packed copy is kept for them.
+        return conv3x3_winograd(x, conv.weight, conv.bias, accumulate)
     weight, bias = _prepared(conv, "onednn", conv.weight, conv.bias, lambda w, b: (_onednn_pack(w, conv_args), b))
     if accumulate is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv_args, "none", [], "")
