@@ -110,3 +110,31 @@ def test_parity_holds_without_onednn_and_on_one_thread(models, monkeypatch):
     finally:
         torch.set_num_threads(previous)
     check_parity(ours, theirs, truth)
+
+
+def test_wide_layers_through_winograd_match_diffusers_float32_and_float64(monkeypatch):
+    # kl-f8's widths run their 256- and 512-channel 3x3 convolutions as Winograd F(2x2, 3x3) (`winograd.py`); two
+    # levels of 256 channels at 64 px put every such layer of this model on it, with the same hard-case weights.
+    torch.manual_seed(0)
+    config = {**KL_F8_DEPTH_CONFIG, "block_out_channels": (256, 256), "norm_num_groups": 32}
+    config.update(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae = AutoencoderKL(**config).eval()
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+            if name.endswith("bias") and ".conv" in f".{name}":
+                param.add_(1.0)
+        vae.decoder.conv_out.weight.mul_(0.1)
+        vae.decoder.conv_out.bias.mul_(0.1)
+    twin = diffusers_twin(vae)
+    calls = []
+    winograd = blocks.conv3x3_winograd
+    monkeypatch.setattr(blocks, "conv3x3_winograd", lambda *a: calls.append(a[0].shape) or winograd(*a))
+    images = photo_batch(64, ("astronaut",))
+    with torch.no_grad():
+        ours = vae.decode(vae.encode(images).latent_dist.mean).sample
+        theirs = twin.decode(twin.encode(images).latent_dist.mean).sample
+        exact = twin.double()
+        truth = exact.decode(exact.encode(images.double()).latent_dist.mean).sample
+    assert len(calls) >= 8 if blocks._onednn_dtypes() else not calls  # the 64x64 and 32x32 layers
+    check_parity(ours, theirs, truth)
