@@ -255,6 +255,13 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """`image` with its short side resized to `size` (bicubic), the aspect ratio kept; as it is when already so."""
+    scale = size / min(image.size)
+    target = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+    return image if target == image.size else image.resize(target, Image.Resampling.BICUBIC)
+
+
 def random_crop_and_flip(
     image: Image.Image,
     resolution: int,
@@ -264,9 +271,7 @@ def random_crop_and_flip(
     random_flip: bool = False,
 ) -> Image.Image:
     """Resize the short side to `resize_to`, crop a `resolution` square (random or centred), flip with p = 1/2."""
-    scale = resize_to / min(image.size)
-    size = (max(resize_to, round(image.width * scale)), max(resize_to, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
+    image = resize_short_side(image, resize_to)
     if random_crop:
         left = int(rng.integers(0, image.width - resolution + 1))
         top = int(rng.integers(0, image.height - resolution + 1))
@@ -322,6 +327,9 @@ class TrainingImageDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.repeats = max(1, -(-min_length // len(self.images)))
         self.epoch = 0
+        # Photos held in memory (the built-in ones) are resized once, not per sample: the resize does not depend on
+        # the epoch, and it was most of a small model's data time (2 ms per 512 px photo at 64 px).
+        self._resized: dict[int, Image.Image] | None = {} if isinstance(self.images, list) else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -351,6 +359,11 @@ class TrainingImageDataset(torch.utils.data.Dataset):
         image, key = self._load(index % len(self.images))
         if key is None:  # PIL images (the built-in photos, `datasets` rows): keyed by position, as always
             rng = np.random.default_rng([self.seed, self.epoch, index])
+            if self._resized is not None and image is self.images[index % len(self.images)]:
+                position = index % len(self.images)
+                if position not in self._resized:
+                    self._resized[position] = resize_short_side(image, self.resize_to)
+                image = self._resized[position]
         else:
             rng = augmentation_rng(self.seed, self.epoch, key, index // len(self.images))
         image = random_crop_and_flip(image, self.resolution, self.resize_to, rng, self.random_crop, self.random_flip)
