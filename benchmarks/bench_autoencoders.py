@@ -18,7 +18,6 @@ model and torch's CPU capability.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import diffusers
@@ -27,6 +26,7 @@ import torch
 from diffusers_vae_ext import AutoencoderKL
 from diffusers_vae_ext.autoencoders import as_autoencoder
 from diffusers_vae_ext.data import pil_to_tensor, resize_and_crop, sample_photos
+from diffusers_vae_ext.hardware import cpu_info
 from diffusers_vae_ext.metrics import psnr
 from diffusers_vae_ext.video import frames_to_tensor, pan_zoom_frames
 
@@ -92,17 +92,6 @@ CONFIGS = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def build(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     klass = AutoencoderKL if name == "AutoencoderKL" else getattr(diffusers, name)
@@ -152,7 +141,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"CPU: {cpu_info().model}; torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     print(f"threads: {torch.get_num_threads()}; tiles {TILE} px, stride {STRIDE} px; seeded random weights")
     photo = sample_photos()["astronaut"]
     image = pil_to_tensor(resize_and_crop(photo, (args.image_size, args.image_size))[0])[None]

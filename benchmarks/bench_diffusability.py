@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +31,7 @@ import torch.nn.functional as F
 from diffusers_vae_ext import AutoencoderKL
 from diffusers_vae_ext.data import pil_to_tensor, sample_photos
 from diffusers_vae_ext.diffusability import measure_diffusability
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from diffusers_vae_ext.hardware import cpu_info
 
 
 class ScrambledTwin(AutoencoderKL):
@@ -135,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = {} if args.steps is None else {"steps": args.steps}
-    print(f"CPU: {cpu_model()} | torch {torch.__version__} | capability {torch.backends.cpu.get_cpu_capability()} "
+    print(f"CPU: {cpu_info().model} | torch {torch.__version__} | capability {torch.backends.cpu.get_cpu_capability()} "
           f"| threads {torch.get_num_threads()} | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
 
     if not args.skip_timing:

@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from diffusers_vae_ext.hardware import cpu_info
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -63,19 +65,6 @@ VARIANTS = {
     "bf16 autocast": ["--mixed_precision", "bf16"],
     "default (--mixed_precision auto)": [],
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def run_variant(
@@ -381,7 +370,7 @@ def main() -> None:
     if args.regularisers:
         torch.set_num_threads(args.threads)  # before describing the path, which reports the thread count
 
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}")
+    print(f"CPU: {cpu_info().model}; torch {torch.__version__}")
     print(f"path: {describe_path()}; load average {os.getloadavg()}")
     if args.classes:
         run_classes(args.steps, args.threads)
