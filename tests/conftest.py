@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from PIL import Image
 
 from diffusers_vae_ext import AutoencoderKL
-from diffusers_vae_ext.data import pil_to_tensor, resize_and_crop, sample_photos
+from diffusers_vae_ext.data import pil_to_tensor, resize_and_crop, sample_photos, write_sample_photos
 
 torch.set_num_threads(2)
 
@@ -108,3 +108,24 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    Tiny models on a shared 2-core machine run 5-20x slower with 2 threads (they wait on each other), and runs that
+    are compared with one another, or with launched processes given OMP_NUM_THREADS=1, must use the same kernels.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """A folder holding the built-in sample photos (`data.write_sample_photos`), one per test module."""
+    folder = tmp_path_factory.mktemp("photos")
+    write_sample_photos(folder)
+    return folder

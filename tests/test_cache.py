@@ -106,14 +106,7 @@ def write_photo_folder(root: Path) -> dict[str, np.ndarray]:
     return expected
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tiny convolutions run 5-20x slower with 2 threads than with 1 when the CPU is shared (threads wait on
-    # each other); subprocesses get OMP_NUM_THREADS=1 too, so every run here uses the same kernels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def child_env() -> dict[str, str]:

@@ -33,13 +33,7 @@ RUN = dict(resolution=32, flip=True, batch_size=2, shard_size=3, num_workers=0, 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The same kernels in every run of this module (and in the subprocesses and Ray actors: 1 thread there too).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

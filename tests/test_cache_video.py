@@ -42,13 +42,7 @@ CLIPS = ClipOptions(num_frames=9, clips_per_video=2)
 RUN = dict(resolution=32, batch_size=2, num_workers=0, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny 3-D convolutions: one thread is faster on a shared CPU and makes every run use the same kernels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_vae_ext import AutoencoderKL, losses, training
-from diffusers_vae_ext.data import write_sample_photos
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,13 +29,6 @@ def tiny_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("config") / "tiny.json"
     path.write_text(json.dumps(TINY_CONFIG))
     return path
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    write_sample_photos(folder)
-    return folder
 
 
 def run(output_dir: Path, config: Path, *extra: str, data: Path | None = None) -> Path:

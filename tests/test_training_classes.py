@@ -14,34 +14,16 @@ from autoencoder_configs import TINY_CONFIGS, build_tiny
 from safetensors.torch import load_file
 
 from diffusers_vae_ext import training
-from diffusers_vae_ext.data import write_sample_photos
 
 av = pytest.importorskip("av", reason="video training needs PyAV (the [video] extra)")
 from diffusers_vae_ext.video import write_pan_zoom_video  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared machine: one thread is faster than fighting for cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("classes")
-
-
-@pytest.fixture(scope="module")
-def photo_dir(workdir) -> Path:
-    folder = workdir / "photos"
-    write_sample_photos(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -30,17 +30,7 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
 PER_SHARD = 3
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One thread, like the launched processes (OMP_NUM_THREADS=1): the same kernels, hence the same sums, in every
-    # run compared here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 def encoded_photos(count: int) -> list[bytes]:

@@ -14,7 +14,6 @@ from autoencoder_configs import TINY_CONFIGS
 from safetensors.torch import load_file
 
 from diffusers_vae_ext import training
-from diffusers_vae_ext.data import write_sample_photos
 from diffusers_vae_ext.modeling import AutoencoderKL
 from diffusers_vae_ext.regularisers import load_vision_model
 from diffusers_vae_ext.training.model import VAETrainingForward
@@ -29,27 +28,12 @@ from diffusers_vae_ext.training.same_start import (
 pytest.importorskip("transformers", reason="--align_to loads its vision model with transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("regularisers")
-
-
-@pytest.fixture(scope="module")
-def photo_dir(workdir) -> Path:
-    folder = workdir / "photos"
-    write_sample_photos(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
