@@ -13,8 +13,9 @@ differently:
   PyTorch's `conv2d` re-packs them on every call, which costs up to a third of a 512-channel 3x3 convolution at
   32x32), and each ResNet block's residual add is fused into its second convolution, written into the shortcut;
   the packed copies (as large as the weights) are rebuilt when the weights change;
-- float32 3x3 convolutions of at least 512 channels run as Winograd F(2x2, 3x3) (`winograd.py`): 16 instead of 36
-  multiplies per 2x2 output tile, as matrix products, and closer to float64 than the direct convolution;
+- float32 3x3 convolutions of at least 256 channels on planes of at least 32x32 run as Winograd F(2x2, 3x3)
+  (`winograd.py`): 16 instead of 36 multiplies per 2x2 output tile, as matrix products, and closer to float64 than
+  the direct convolution;
 - SiLU runs in place, and divisions by an output scale factor of 1 are skipped;
 - in float32 on CPU, every GroupNorm takes two-pass statistics (`group_norm_channels_last`): PyTorch's channels_last
   kernel sums x and x^2 in one float32 pass, whose error grows with the plane and the activations' mean (2e-4 at

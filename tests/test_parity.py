@@ -32,8 +32,14 @@ KL_F8_DEPTH_CONFIG = dict(
 @pytest.fixture(scope="module")
 def models():
     """Ours, diffusers' twin (same weights) and diffusers' twin in float64 (the exact result, for scale)."""
+    vae = hard_case(KL_F8_DEPTH_CONFIG)
+    return vae, diffusers_twin(vae), diffusers_twin(vae).double()
+
+
+def hard_case(config: dict) -> AutoencoderKL:
+    """A model of `config` with the hard-case weights of the module docstring (seed 0)."""
     torch.manual_seed(0)
-    vae = AutoencoderKL(**KL_F8_DEPTH_CONFIG).eval()
+    vae = AutoencoderKL(**config).eval()
     with torch.no_grad():
         for name, param in vae.named_parameters():
             param.add_(torch.randn_like(param) * 0.02)
@@ -41,7 +47,7 @@ def models():
                 param.add_(1.0)
         vae.decoder.conv_out.weight.mul_(0.1)
         vae.decoder.conv_out.bias.mul_(0.1)
-    return vae, diffusers_twin(vae), diffusers_twin(vae).double()
+    return vae
 
 
 def check_parity(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor) -> None:
@@ -115,17 +121,9 @@ def test_parity_holds_without_onednn_and_on_one_thread(models, monkeypatch):
 def test_wide_layers_through_winograd_match_diffusers_float32_and_float64(monkeypatch):
     # kl-f8's widths run their 256- and 512-channel 3x3 convolutions as Winograd F(2x2, 3x3) (`winograd.py`); two
     # levels of 256 channels at 64 px put every such layer of this model on it, with the same hard-case weights.
-    torch.manual_seed(0)
     config = {**KL_F8_DEPTH_CONFIG, "block_out_channels": (256, 256), "norm_num_groups": 32}
     config.update(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    vae = AutoencoderKL(**config).eval()
-    with torch.no_grad():
-        for name, param in vae.named_parameters():
-            param.add_(torch.randn_like(param) * 0.02)
-            if name.endswith("bias") and ".conv" in f".{name}":
-                param.add_(1.0)
-        vae.decoder.conv_out.weight.mul_(0.1)
-        vae.decoder.conv_out.bias.mul_(0.1)
+    vae = hard_case(config)
     twin = diffusers_twin(vae)
     calls = []
     winograd = blocks.conv3x3_winograd
