@@ -129,14 +129,26 @@ def bare_step_seconds(steps: int, resolution: int, batch: int, threads: int) -> 
     torch.manual_seed(0)
     config = {k: v for k, v in load_model_config("small_rgb").items() if not k.startswith("_")}
     vae = DiffusersAutoencoderKL(**config).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
     pixels = torch.rand(batch, 3, resolution, resolution) * 2 - 1
+    return timed_bare_steps(vae, pixels, steps)
+
+
+def timed_bare_steps(vae: torch.nn.Module, pixels: torch.Tensor, steps: int) -> float:
+    """The minimal fine-tuning step of a diffusers autoencoder, written plainly: encode, draw the posterior
+    (deterministic classes: the latents), decode, L1 (+ 1e-6 KL), backward, clip, AdamW. Median seconds after
+    warm-up."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        posterior = vae.encode(pixels).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        loss = (pixels - reconstruction).abs().flatten(1).sum(1).mean() + 1e-6 * posterior.kl().mean()
+        encoded = vae.encode(pixels)
+        if hasattr(encoded, "latent_dist"):
+            posterior = encoded.latent_dist
+            latents, kl = posterior.sample(), posterior.kl().mean()
+        else:
+            latents, kl = (encoded.latent if hasattr(encoded, "latent") else encoded.latents), 0.0
+        reconstruction = vae.decode(latents).sample
+        loss = (pixels - reconstruction).abs().flatten(1).sum(1).mean() + 1e-6 * kl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
@@ -188,25 +200,7 @@ def bare_class_step_seconds(name: str, pixels: torch.Tensor, steps: int) -> floa
     import diffusers
 
     torch.manual_seed(0)
-    vae = getattr(diffusers, name)(**CLASS_CONFIGS[name]).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        encoded = vae.encode(pixels)
-        if hasattr(encoded, "latent_dist"):
-            posterior = encoded.latent_dist
-            latents, kl = posterior.sample(), posterior.kl().mean()
-        else:
-            latents, kl = (encoded.latent if hasattr(encoded, "latent") else encoded.latents), 0.0
-        reconstruction = vae.decode(latents).sample
-        loss = (pixels - reconstruction).abs().flatten(1).sum(1).mean() + 1e-6 * kl
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[max(1, steps // 4) :])
+    return timed_bare_steps(getattr(diffusers, name)(**CLASS_CONFIGS[name]).train(), pixels, steps)
 
 
 def run_classes(steps: int, threads: int) -> None:
