@@ -617,6 +617,18 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MissingDependencyError as err:  # also one found later, e.g. by listing a folder of tars
         args.command_parser.error(str(err))  # usage, "error: ...", exit code 2; no traceback
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    # What `accelerator.end_training()` does for the trainer: a process of `accelerate launch` that exits with its
+    # process group alive can abort at exit ("terminate called without an active exception", seen once in CI on
+    # `cache` with 2 CPU processes) while gloo's threads are torn down.
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
