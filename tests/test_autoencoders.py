@@ -18,13 +18,7 @@ from diffusers_vae_ext.video import frames_to_tensor, pan_zoom_frames
 NAMES = list(EXPECTED)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """Tiny models: one thread avoids OpenMP waits that make them much slower on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from diffusers_vae_ext.posterior import LatentPosterior
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """Small models: one thread avoids OpenMP waits on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

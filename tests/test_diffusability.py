@@ -26,13 +26,7 @@ from diffusers_vae_ext.evaluation import EvalVAE, evaluate, write_report
 PROBE_STEPS = 150
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """One thread: bit-identical reruns, and no OpenMP wake-up waits on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def photo_crops(count: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -30,13 +30,7 @@ from diffusers_vae_ext.metrics import psnr, ssim
 RESOLUTION = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tiny inputs: one thread avoids OpenMP wake-up waits that dominate on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,7 @@ TINY = dict(
 CONV1 = "decoder.up_blocks.1.resnets.0.conv1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tiny models: one thread avoids OpenMP wake-up waits that dominate on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:

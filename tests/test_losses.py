@@ -28,14 +28,7 @@ from diffusers_vae_ext.losses import (
     weighted_kl,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tiny inputs: one thread avoids OpenMP wake-up waits that dominate on a busy shared CPU (16 s -> 2 s here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VGG_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)

@@ -35,13 +35,7 @@ def vgg16_features() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """Small inputs: one thread avoids OpenMP wake-up waits that dominate on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -12,17 +12,10 @@ from conftest import diffusers_twin, make_vae, photo_batch
 from diffusers_vae_ext import blocks
 
 TOL = 1e-5
-pytestmark = pytest.mark.skipif(
-    not blocks._onednn_dtypes(), reason="this torch build has no oneDNN (mkldnn) convolutions"
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.skipif(not blocks._onednn_dtypes(), reason="this torch build has no oneDNN (mkldnn) convolutions"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

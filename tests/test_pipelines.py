@@ -38,13 +38,7 @@ SDXL_VAE_OVERRIDES = dict(
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """These models are tiny: one thread avoids OpenMP waits that make them ~20x slower on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -18,13 +18,7 @@ NATIVE_BF16 = CPUInfo("AMD EPYC 9654", "AVX512", 2, avx512_bf16=True, avx512=Tru
 NO_BF16 = CPUInfo("Intel Xeon E5-2680 v3", "AVX2", 2, avx2=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """Tiny models: one thread avoids OpenMP waits on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -15,14 +15,7 @@ from diffusers_vae_ext.cli import main
 from diffusers_vae_ext.data import pil_to_tensor, tensor_to_pil, to_model_channels
 from diffusers_vae_ext.reconstruct import fit_to_factor, reconstruct_images
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """These models are tiny: one thread avoids OpenMP waits that make them ~20x slower on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

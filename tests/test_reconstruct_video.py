@@ -28,13 +28,7 @@ from diffusers_vae_ext.video import (  # noqa: E402
     write_pan_zoom_video,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,7 @@ from diffusers_vae_ext.regularisers import (
     vf_adaptive_weight,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tiny inputs: one thread avoids OpenMP wake-up waits on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth_image(height: int, width: int, channels: int = 3) -> torch.Tensor:

@@ -21,12 +21,7 @@ from diffusers_vae_ext.video import ClipOptions, clips_from_file, list_videos, l
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ TOL = 1e-4
 TILE = 32  # the small config's factor is 4: 32-pixel tiles are 8 latent pixels
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """The test models are tiny: one thread avoids OpenMP wake-up waits that dominate on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def photos(height: int, width: int, names=("astronaut", "chelsea", "coffee")) -> torch.Tensor:
