@@ -75,7 +75,7 @@ def run_encoder(encoder: nn.Module, sample: torch.Tensor, float32_output: bool =
     for block in encoder.down_blocks:
         hidden = _down_block(block, hidden)
     hidden = _mid_block(encoder.mid_block, hidden)
-    hidden = _norm_act(encoder.conv_norm_out, encoder.conv_act, hidden)
+    hidden = _norm_act(encoder.conv_norm_out, encoder.conv_act, hidden, overwrite=True)
     if float32_output and type(encoder.conv_out) is nn.Conv2d:
         return conv_float32(encoder.conv_out, hidden).contiguous()
     return conv2d(encoder.conv_out, hidden).contiguous()
@@ -104,7 +104,7 @@ def run_decoder(decoder: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     hidden = _mid_block(decoder.mid_block, hidden)
     for block in decoder.up_blocks:
         hidden = _up_block(block, hidden)
-    hidden = _norm_act(decoder.conv_norm_out, decoder.conv_act, hidden)
+    hidden = _norm_act(decoder.conv_norm_out, decoder.conv_act, hidden, overwrite=True)
     return conv2d(decoder.conv_out, hidden).contiguous()
 
 
@@ -140,10 +140,12 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 # --------------------------------------------------------------------------------------------------- blocks
-def _norm_act(norm: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _norm_act(norm: nn.Module, act: nn.Module, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    # `overwrite`: `x` is not needed afterwards, so the result may take its buffer (one activation less in memory,
+    # and no fresh pages for the kernel to fault in and zero).
     silu = type(act) is nn.SiLU
     if _exact_group_norm_applies(norm, x):
-        hidden = group_norm_channels_last(norm, x, silu=silu)
+        hidden = group_norm_channels_last(norm, x, silu=silu, out=x if overwrite else None)
         return hidden if silu else act(hidden)
     # The norm's output is a fresh tensor, so the activation may overwrite it.
     hidden = norm(x)
@@ -177,7 +179,9 @@ def _group_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return group_norm_channels_last(norm, x) if _exact_group_norm_applies(norm, x) else norm(x)
 
 
-def group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+def group_norm_channels_last(
+    norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`norm(x)` (then SiLU with `silu=True`) for a channels_last `x`, with two-pass (centred) statistics.
 
     The statistics are taken a band of pixel rows at a time, while the band is in cache: each channel's band mean
@@ -190,6 +194,8 @@ def group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = F
         norm (`nn.GroupNorm`): the module (its groups, eps and affine parameters are used).
         x (`torch.Tensor`): (N, C, H, W), channels_last.
         silu (`bool`, defaults to `False`): apply SiLU to the result.
+        out (`torch.Tensor`, *optional*): where to write the result, `x` itself included (each band is read before
+            it is written); a new channels_last tensor by default.
     """
     batch, channels, height, width = x.shape
     groups = norm.num_groups
@@ -225,7 +231,7 @@ def group_norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = F
         scale = scale * weight
     scale = scale.reshape(batch, channels, 1, 1).to(x.dtype)
     shift = shift.reshape(batch, channels, 1, 1).to(x.dtype)
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     for start in starts:
         piece = out[:, :, start : start + rows]
         torch.addcmul(shift, x[:, :, start : start + rows], scale, out=piece)
@@ -277,11 +283,12 @@ def _resnet(resnet: nn.Module, x: torch.Tensor) -> torch.Tensor:
     )
     if not plain:
         return resnet(x, None)
-    hidden = conv2d(resnet.conv1, _norm_act(resnet.norm1, resnet.nonlinearity, x))
-    hidden = _norm_act(resnet.norm2, resnet.nonlinearity, hidden)
+    # With a shortcut convolution, `x` is spent once it has run, so the first norm may overwrite it.
+    shortcut = conv2d(resnet.conv_shortcut, x) if resnet.conv_shortcut is not None else x
+    hidden = conv2d(resnet.conv1, _norm_act(resnet.norm1, resnet.nonlinearity, x, overwrite=shortcut is not x))
+    hidden = _norm_act(resnet.norm2, resnet.nonlinearity, hidden, overwrite=True)
     if resnet.dropout.p > 0 and resnet.dropout.training:
         hidden = resnet.dropout(hidden)
-    shortcut = conv2d(resnet.conv_shortcut, x) if resnet.conv_shortcut is not None else x
     # conv2 adds its output into the shortcut's buffer (fused into the convolution on CPU): no new tensor.
     hidden = conv2d(resnet.conv2, hidden, accumulate=shortcut)
     if resnet.output_scale_factor != 1:

@@ -148,6 +148,12 @@ def test_group_norm_channels_last_has_nchw_accuracy(monkeypatch, affine, silu):
     assert our_error <= 1e-5
     # The channels_last kernel's error here, for scale (it grows with the plane and the mean).
     assert (kernel.double() - exact).abs().max().item() > 5 * our_error
+    # Written over its input (what the path does when the input is spent): the same values, in the input's buffer.
+    with torch.no_grad():
+        overwritten = x.clone()
+        result = blocks.group_norm_channels_last(norm, overwritten, silu=silu, out=overwritten)
+    assert result.data_ptr() == overwritten.data_ptr()
+    assert torch.equal(result, ours)
 
 
 def test_float32_group_norms_take_exact_statistics_in_the_model(monkeypatch, photos):
