@@ -118,12 +118,27 @@ def _reconstruct(adapter: AutoencoderAdapter, pixels: torch.Tensor, sample_poste
     return adapter.decode(latents).float().cpu()
 
 
-def _check_channels(adapter: AutoencoderAdapter) -> None:
+def _checked_adapter(
+    vae: torch.nn.Module | AutoencoderAdapter, sample_posterior: bool, seed: int
+) -> AutoencoderAdapter:
+    """The adapter of `vae`, refused up front when its output cannot be compared with its input or when a
+    posterior draw is asked of deterministic latents."""
+    adapter = as_autoencoder(vae)
     if adapter.out_channels != adapter.in_channels:
         raise ValueError(
             f"This VAE maps {adapter.in_channels} to {adapter.out_channels} channels; reconstruction metrics need "
             "the same number of input and output channels."
         )
+    _posterior_generator(adapter, sample_posterior, seed)
+    return adapter
+
+
+def _output_folder(output_dir: str | os.PathLike | None) -> Path | None:
+    if output_dir is None:
+        return None
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
 
 
 @torch.no_grad()
@@ -149,13 +164,9 @@ def reconstruct_images(
     Unreadable or missing files do not stop the run: their result has `error` set and no metrics. Returns one
     result per input path, in order.
     """
-    adapter = as_autoencoder(vae)
-    _check_channels(adapter)
-    _posterior_generator(adapter, sample_posterior, seed)  # refuse a draw from deterministic latents up front
+    adapter = _checked_adapter(vae, sample_posterior, seed)
     factor = adapter.size_multiple
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = _output_folder(output_dir)
     used_names: set[str] = set()
     results = []
     for path in tqdm(list(paths), desc="reconstruct", unit="image", disable=not progress):
@@ -267,16 +278,12 @@ def reconstruct_videos(
     get one result with `error` and `error_kind`. A `num_frames` the autoencoder cannot encode raises
     `ValueError` before any file is read.
     """
-    adapter = as_autoencoder(vae)
-    _check_channels(adapter)
-    _posterior_generator(adapter, sample_posterior, seed)
+    adapter = _checked_adapter(vae, sample_posterior, seed)
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}.")
     options = clip_options or ClipOptions()
     options.check(adapter.frame_multiple, adapter.class_name)
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = _output_folder(output_dir)
     used_names: set[str] = set()
     results: list[VideoReconstructionResult] = []
     for source in tqdm(list(sources), desc="reconstruct", unit="video", disable=not progress):
@@ -332,21 +339,11 @@ def reconstruct_videos(
 
 def summarize_videos(results: Sequence[VideoReconstructionResult]) -> dict:
     """Mean PSNR/SSIM over the reconstructed clips, the counts, and every result."""
-    done = [r for r in results if r.ok]
-    return {
-        "num_clips": len(done),
-        "num_skipped": len(results) - len(done),
-        "mean_psnr": _mean([r.psnr for r in done]),
-        "mean_ssim": _mean([r.ssim for r in done if r.ssim is not None]),
-        "clips": [asdict(r) for r in results],
-    }
+    return _summary(results, "clips")
 
 
 def format_video_report(results: Sequence[VideoReconstructionResult]) -> str:
     """A text table, one row per clip (PSNR/SSIM: means over its frames), the average, then the skipped videos."""
-
-    def number(value: float | None, digits: int) -> str:
-        return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
     done = [r for r in results if r.ok]
     name_width = max([len(Path(r.path).name) + 8 for r in results] + [len("average")])
@@ -358,13 +355,13 @@ def format_video_report(results: Sequence[VideoReconstructionResult]) -> str:
         label = f"{Path(r.path).name}:{r.clip_id.rsplit(':', 1)[-1]}"
         lines.append(
             f"{label:<{name_width}}  {r.num_frames:>6}  {r.fps:>6.4g}  {f'{r.width}x{r.height}':>11}  "
-            f"{f'{r.processed_width}x{r.processed_height}':>11}  {number(r.psnr, 2):>8}  {number(r.ssim, 4):>6}"
+            f"{f'{r.processed_width}x{r.processed_height}':>11}  {_number(r.psnr, 2):>8}  {_number(r.ssim, 4):>6}"
         )
     summary = summarize_videos(results)
     label = f"average ({summary['num_clips']})"
     lines.append(
-        f"{label:<{name_width}}  {'':>6}  {'':>6}  {'':>11}  {'':>11}  {number(summary['mean_psnr'], 2):>8}  "
-        f"{number(summary['mean_ssim'], 4):>6}"
+        f"{label:<{name_width}}  {'':>6}  {'':>6}  {'':>11}  {'':>11}  {_number(summary['mean_psnr'], 2):>8}  "
+        f"{_number(summary['mean_ssim'], 4):>6}"
     )
     for r in results:
         if not r.ok:
@@ -377,24 +374,29 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(results: Sequence[ReconstructionResult]) -> dict:
-    """Mean PSNR/SSIM over the processed images, the counts, and every result (skipped ones with their error)."""
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _summary(results: Sequence[ReconstructionResult | VideoReconstructionResult], items: str) -> dict:
+    # `items` names the kind of result: "images" or "clips" (the count key and the list key).
     done = [r for r in results if r.ok]
-    ssims = [r.ssim for r in done if r.ssim is not None]
     return {
-        "num_images": len(done),
+        f"num_{items}": len(done),
         "num_skipped": len(results) - len(done),
         "mean_psnr": _mean([r.psnr for r in done]),
-        "mean_ssim": _mean(ssims),
-        "images": [asdict(r) for r in results],
+        "mean_ssim": _mean([r.ssim for r in done if r.ssim is not None]),
+        items: [asdict(r) for r in results],
     }
+
+
+def summarize(results: Sequence[ReconstructionResult]) -> dict:
+    """Mean PSNR/SSIM over the processed images, the counts, and every result (skipped ones with their error)."""
+    return _summary(results, "images")
 
 
 def format_report(results: Sequence[ReconstructionResult], size_policy: str, factor: int) -> str:
     """A text table (one row per image, then the average), the skipped files and the size policy in words."""
-
-    def number(value: float | None, digits: int) -> str:
-        return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
     if size_policy == "pad":
         policy = (
@@ -411,14 +413,14 @@ def format_report(results: Sequence[ReconstructionResult], size_policy: str, fac
     for r in done:
         size, processed = f"{r.width}x{r.height}", f"{r.processed_width}x{r.processed_height}"
         lines.append(
-            f"{Path(r.path).name:<{name_width}}  {size:>11}  {processed:>11}  {number(r.psnr, 2):>8}  "
-            f"{number(r.ssim, 4):>6}"
+            f"{Path(r.path).name:<{name_width}}  {size:>11}  {processed:>11}  {_number(r.psnr, 2):>8}  "
+            f"{_number(r.ssim, 4):>6}"
         )
     summary = summarize(results)
     label = f"average ({summary['num_images']})"
     lines.append(
-        f"{label:<{name_width}}  {'':>11}  {'':>11}  {number(summary['mean_psnr'], 2):>8}  "
-        f"{number(summary['mean_ssim'], 4):>6}"
+        f"{label:<{name_width}}  {'':>11}  {'':>11}  {_number(summary['mean_psnr'], 2):>8}  "
+        f"{_number(summary['mean_ssim'], 4):>6}"
     )
     lines.extend(f"skipped {r.path}: {r.error}" for r in results if not r.ok)
     return "\n".join(lines)
