@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .state_dicts import state_dict_differences
+
 LPIPS_WEIGHTS_ENV = "DIFFUSERS_VAE_LPIPS_WEIGHTS"
 DEFAULT_LPIPS_PATH = Path("~/.cache/diffusers_vae_ext/lpips_vgg.safetensors")
 
@@ -389,13 +391,7 @@ def load_lpips(weights: str | os.PathLike | None = None) -> LPIPS:
 
 
 def _check_state_dict(state: dict[str, Tensor], expected: dict[str, Tensor], source: str, hint: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{key}: {tuple(state[key].shape)} != {tuple(expected[key].shape)}"
-        for key in sorted(set(state) & set(expected))
-        if state[key].shape != expected[key].shape
-    ]
+    missing, unexpected, wrong_shape = state_dict_differences(state, expected)
     if missing or unexpected or wrong_shape:
         raise ValueError(
             f"{source} does not hold LPIPS VGG16 weights: missing keys {missing}, unexpected keys {unexpected}, "

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..state_dicts import state_dict_differences
+
 INCEPTION_WEIGHTS_ENV = "DIFFUSERS_VAE_INCEPTION_WEIGHTS"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
@@ -208,13 +210,7 @@ def _check_state_dict(state: dict[str, Tensor], source: str, hint: str) -> None:
     with torch.device("meta"):
         expected = {k: v for k, v in FIDInceptionV3().state_dict().items() if not _is_counter(k)}
     state = {k: v for k, v in state.items() if not _is_counter(k)}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{key}: {tuple(state[key].shape)} != {tuple(expected[key].shape)}"
-        for key in sorted(set(state) & set(expected))
-        if state[key].shape != expected[key].shape
-    ]
+    missing, unexpected, wrong_shape = state_dict_differences(state, expected)
     if missing or unexpected or wrong_shape:
         raise ValueError(
             f"{source} does not hold the FID Inception weights: {len(missing)} missing keys {missing[:5]}, "
