@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,53 +107,75 @@ def weighted_kl(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PatchGANDiscriminator(nn.Module):
-    """pix2pix / taming `NLayerDiscriminator`: a grid of real/fake logits, one per overlapping patch.
+class _PatchGAN(nn.Module):
+    """taming's `NLayerDiscriminator` layout in 2-D or 3-D: `conv(c_in, c_out, stride, bias)` makes each
+    convolution, `norm` is the BatchNorm class of the same dimensionality. Layers live in `main.N`."""
 
-    Layer indices (`main.N`) match taming's, so its discriminator checkpoints load into this module.
-    """
-
-    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
+    def __init__(
+        self,
+        conv: Callable[[int, int, int, bool], nn.Module],
+        norm: type[nn.Module],
+        in_channels: int,
+        base_channels: int,
+        num_layers: int,
+    ):
         super().__init__()
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, base_channels, kernel_size=4, stride=2, padding=1),
-            nn.LeakyReLU(0.2, inplace=True),
-        ]
+        layers: list[nn.Module] = [conv(in_channels, base_channels, 2, True), nn.LeakyReLU(0.2, inplace=True)]
         mult = 1
         for n in range(1, num_layers):
             prev, mult = mult, min(2**n, 8)
             layers += [
                 # No bias: BatchNorm's shift would cancel it.
-                nn.Conv2d(base_channels * prev, base_channels * mult, kernel_size=4, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(base_channels * mult),
+                conv(base_channels * prev, base_channels * mult, 2, False),
+                norm(base_channels * mult),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
         prev, mult = mult, min(2**num_layers, 8)
         layers += [
-            nn.Conv2d(base_channels * prev, base_channels * mult, kernel_size=4, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(base_channels * mult),
+            conv(base_channels * prev, base_channels * mult, 1, False),
+            norm(base_channels * mult),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(base_channels * mult, 1, kernel_size=4, stride=1, padding=1),
+            conv(base_channels * mult, 1, 1, True),
         ]
         self.main = nn.Sequential(*layers)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """pix2pix's "normal" init: conv weights N(0, 0.02), BatchNorm weights N(1, 0.02), all biases 0."""
+        convs, norms = (nn.Conv2d, nn.Conv3d), (nn.BatchNorm2d, nn.BatchNorm3d)
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, convs):
                 nn.init.normal_(module.weight, 0.0, 0.02)
-            elif isinstance(module, nn.BatchNorm2d):
+            elif isinstance(module, norms):
                 nn.init.normal_(module.weight, 1.0, 0.02)
-            if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) and module.bias is not None:
+            if isinstance(module, convs + norms) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Patch logits of shape (N, 1, h, w)."""
+        """Patch logits: (N, 1, h, w) for images, (N, 1, T, h, w) for clips."""
         return self.main(x)
 
 
-class PatchGAN3DDiscriminator(nn.Module):
+def _conv2d(c_in: int, c_out: int, stride: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=4, stride=stride, padding=1, bias=bias)
+
+
+def _conv3d(c_in: int, c_out: int, stride: int, bias: bool) -> nn.Conv3d:
+    # Kernel 3 in time, stride 1: each logit sees neighbouring frames and the clip keeps its length.
+    return nn.Conv3d(c_in, c_out, (3, 4, 4), stride=(1, stride, stride), padding=(1, 1, 1), bias=bias)
+
+
+class PatchGANDiscriminator(_PatchGAN):
+    """pix2pix / taming `NLayerDiscriminator`: a grid of real/fake logits, one per overlapping patch.
+
+    Layer indices (`main.N`) match taming's, so its discriminator checkpoints load into this module.
+    """
+
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
+        super().__init__(_conv2d, nn.BatchNorm2d, in_channels, base_channels, num_layers)
+
+
+class PatchGAN3DDiscriminator(_PatchGAN):
     """A PatchGAN over clips (N, C, T, H, W): `PatchGANDiscriminator`'s layout with 3-D convolutions that stride
     in space only (kernel 3 in time), so each logit judges a patch across neighbouring frames (temporal flicker).
 
@@ -160,39 +183,7 @@ class PatchGAN3DDiscriminator(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
-        super().__init__()
-
-        def conv(c_in: int, c_out: int, stride: int, bias: bool) -> nn.Conv3d:
-            return nn.Conv3d(c_in, c_out, (3, 4, 4), stride=(1, stride, stride), padding=(1, 1, 1), bias=bias)
-
-        layers: list[nn.Module] = [conv(in_channels, base_channels, 2, True), nn.LeakyReLU(0.2, inplace=True)]
-        mult = 1
-        for n in range(1, num_layers):
-            prev, mult = mult, min(2**n, 8)
-            layers += [
-                conv(base_channels * prev, base_channels * mult, 2, False),
-                nn.BatchNorm3d(base_channels * mult),
-                nn.LeakyReLU(0.2, inplace=True),
-            ]
-        prev, mult = mult, min(2**num_layers, 8)
-        layers += [
-            conv(base_channels * prev, base_channels * mult, 1, False),
-            nn.BatchNorm3d(base_channels * mult),
-            nn.LeakyReLU(0.2, inplace=True),
-            conv(base_channels * mult, 1, 1, True),
-        ]
-        self.main = nn.Sequential(*layers)
-        for module in self.modules():
-            if isinstance(module, nn.Conv3d):
-                nn.init.normal_(module.weight, 0.0, 0.02)
-            elif isinstance(module, nn.BatchNorm3d):
-                nn.init.normal_(module.weight, 1.0, 0.02)
-            if isinstance(module, (nn.Conv3d, nn.BatchNorm3d)) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Patch logits of shape (N, 1, T, h, w)."""
-        return self.main(x)
+        super().__init__(_conv3d, nn.BatchNorm3d, in_channels, base_channels, num_layers)
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:

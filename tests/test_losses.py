@@ -15,6 +15,7 @@ from diffusers_vae_ext.cli import main
 from diffusers_vae_ext.losses import (
     LPIPS,
     LPIPS_WEIGHTS_ENV,
+    PatchGAN3DDiscriminator,
     PatchGANDiscriminator,
     adaptive_weight,
     convert_lpips_weights,
@@ -175,6 +176,35 @@ def test_patchgan_layout_init_and_shape():
             assert torch.all(m.bias == 0)
     # 32 px -> 16 -> 8 -> 4 (stride 2) -> 3 -> 2 (4x4 stride 1, padding 1).
     assert big(torch.randn(2, 3, 32, 32)).shape == (2, 1, 2, 2)
+
+
+def test_patchgan_3d_keeps_the_saved_layout_and_the_2d_init():
+    # The state dict a --disc_3d checkpoint holds: these keys and shapes must keep loading strictly.
+    disc = PatchGAN3DDiscriminator(in_channels=3, base_channels=2, num_layers=2)
+    conv, norm = (2, 3, 3, 4, 4), (4,)
+    expected = {
+        "main.0.weight": conv, "main.0.bias": (2,),
+        "main.2.weight": (4, 2, 3, 4, 4),
+        **{f"main.3.{name}": norm for name in ("weight", "bias", "running_mean", "running_var")},
+        "main.3.num_batches_tracked": (),
+        "main.5.weight": (8, 4, 3, 4, 4),
+        **{f"main.6.{name}": (8,) for name in ("weight", "bias", "running_mean", "running_var")},
+        "main.6.num_batches_tracked": (),
+        "main.8.weight": (1, 8, 3, 4, 4), "main.8.bias": (1,),
+    }  # fmt: skip
+    assert {key: tuple(value.shape) for key, value in disc.state_dict().items()} == expected
+    convs = [m for m in disc.main if isinstance(m, torch.nn.Conv3d)]
+    assert [c.stride for c in convs] == [(1, 2, 2), (1, 2, 2), (1, 1, 1), (1, 1, 1)]  # space only, never time
+    # 5 frames stay 5; 32 px -> 16 -> 8 (stride 2) -> 7 -> 6 (4x4 stride 1, padding 1).
+    assert disc(torch.randn(1, 3, 5, 32, 32)).shape == (1, 1, 5, 6, 6)
+
+    torch.manual_seed(0)
+    big = PatchGAN3DDiscriminator()
+    conv_weights = torch.cat([m.weight.flatten() for m in big.modules() if isinstance(m, torch.nn.Conv3d)])
+    bn_weights = torch.cat([m.weight for m in big.modules() if isinstance(m, torch.nn.BatchNorm3d)])
+    assert conv_weights.std().item() == pytest.approx(0.02, rel=0.02)
+    assert bn_weights.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert all(torch.all(m.bias == 0) for m in big.modules() if getattr(m, "bias", None) is not None)
 
 
 def test_generator_and_discriminator_steps_keep_gradients_apart():
