@@ -2,6 +2,7 @@
 
 `make_item` turns a stored record and its moments into a training item; every reader (also the streaming
 `LatentCacheIterableDataset` in `streaming.py`) builds its items there, so they agree item for item.
+`CacheItemReader` holds what both datasets share: the completeness check, the layout and `make_item`'s settings.
 """
 
 from __future__ import annotations
@@ -78,7 +79,38 @@ def make_item(
     return item
 
 
-class LatentCacheDataset(Dataset):
+class CacheItemReader:
+    """What both cache datasets share: the check that the cache is complete, its layout, and the `make_item`
+    settings (`sample_posterior`, `seed`, `scale`, `return_moments`, `epoch`) every item is built with."""
+
+    def _read_cache_info(
+        self, info: dict[str, Any], where: Any, sample_posterior: bool, seed: int, scale: bool, return_moments: bool
+    ) -> None:
+        if info.get("status") != "complete":
+            raise ValueError(
+                f"The latent cache at {where} is incomplete (status {info.get('status')!r}): a run was "
+                "interrupted or is still writing. Rerun the same command to finish it."
+            )
+        self.info = info
+        self.vae_config = info["provenance"]["vae"]["config"]
+        self.layout = StoredLayout.from_provenance(info["provenance"])
+        self.sample_posterior, self.seed = sample_posterior, seed
+        self.scale, self.return_moments = scale, return_moments
+
+    def _item(self, record: dict[str, Any], moments: torch.Tensor) -> dict[str, Any]:
+        return make_item(
+            record,
+            moments,
+            self.layout,
+            seed=self.seed,
+            epoch=self.epoch,
+            sample_posterior=self.sample_posterior,
+            scale=self.scale,
+            return_moments=self.return_moments,
+        )
+
+
+class LatentCacheDataset(CacheItemReader, Dataset):
     """A latent cache as a map-style dataset: one dict per cached sample, in index order.
 
     Args:
@@ -133,20 +165,9 @@ class LatentCacheDataset(Dataset):
                 "diffusers_vae_ext.cache.LatentCacheIterableDataset (streams shards from the URL)."
             )
         self.path = Path(str(path).removeprefix("file://"))
-        self.info = load_cache_info(self.path)
-        if self.info.get("status") != "complete":
-            raise ValueError(
-                f"The latent cache at {self.path} is incomplete (status {self.info.get('status')!r}): a run was "
-                "interrupted or is still writing. Rerun the same command to finish it."
-            )
-        self.vae_config = self.info["provenance"]["vae"]["config"]
-        self.layout = StoredLayout.from_provenance(self.info["provenance"])
+        self._read_cache_info(load_cache_info(self.path), self.path, sample_posterior, seed, scale, return_moments)
         index_file = self.path / INDEX_FILE
         self.records = [json.loads(line) for line in index_file.read_text(encoding="utf-8").splitlines() if line]
-        self.sample_posterior = sample_posterior
-        self.seed = seed
-        self.scale = scale
-        self.return_moments = return_moments
         self.epoch = 0
         self._handles: OrderedDict[str, Any] = OrderedDict()
         self._handles_pid = os.getpid()
@@ -187,14 +208,4 @@ class LatentCacheDataset(Dataset):
         return self._handle(record["shard"]).get_tensor(record["key"]).float()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
-        return make_item(
-            record,
-            self.moments(index),
-            self.layout,
-            seed=self.seed,
-            epoch=self.epoch,
-            sample_posterior=self.sample_posterior,
-            scale=self.scale,
-            return_moments=self.return_moments,
-        )
+        return self._item(self.records[index], self.moments(index))

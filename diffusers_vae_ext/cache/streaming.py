@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from .format import SHARDS_FILE, StoredLayout
-from .readers import make_item
+from .format import SHARDS_FILE
+from .readers import CacheItemReader
 from .storage import CacheStore, safetensors_metadata
 
 
@@ -33,7 +33,7 @@ def _distributed_rank_and_size() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class LatentCacheIterableDataset(IterableDataset):
+class LatentCacheIterableDataset(CacheItemReader, IterableDataset):
     """A latent cache (local folder or any fsspec URL) as a stream of training items, split across ranks and workers.
 
     Args:
@@ -73,14 +73,7 @@ class LatentCacheIterableDataset(IterableDataset):
         world_size: int | None = None,
     ) -> None:
         self.store = CacheStore(url, storage_options)
-        self.info = self.store.read_info()
-        if self.info.get("status") != "complete":
-            raise ValueError(
-                f"The latent cache at {url} is incomplete (status {self.info.get('status')!r}): a run was "
-                "interrupted or is still writing. Rerun the same command to finish it."
-            )
-        self.vae_config = self.info["provenance"]["vae"]["config"]
-        self.layout = StoredLayout.from_provenance(self.info["provenance"])
+        self._read_cache_info(self.store.read_info(), url, sample_posterior, seed, scale, return_moments)
         listing = self.store.get(SHARDS_FILE)
         if listing is None:
             raise FileNotFoundError(
@@ -90,8 +83,6 @@ class LatentCacheIterableDataset(IterableDataset):
         self.num_samples = sum(shard["samples"] for shard in self.shards)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-        self.sample_posterior, self.seed = sample_posterior, seed
-        self.scale, self.return_moments = scale, return_moments
         self.epoch, self.shuffle, self.shuffle_buffer = epoch, shuffle, max(1, shuffle_buffer)
         self.batch_size, self.drop_last = batch_size, drop_last
         self.rank, self.world_size = rank, world_size
@@ -152,16 +143,7 @@ class LatentCacheIterableDataset(IterableDataset):
             rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{consumer}")
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         for record, moments in samples:
-            yield make_item(
-                record,
-                moments,
-                self.layout,
-                seed=self.seed,
-                epoch=self.epoch,
-                sample_posterior=self.sample_posterior,
-                scale=self.scale,
-                return_moments=self.return_moments,
-            )
+            yield self._item(record, moments)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.batch_size is None:
