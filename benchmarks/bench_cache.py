@@ -32,7 +32,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -48,6 +47,7 @@ import torch
 from diffusers_vae_ext import AutoencoderKL
 from diffusers_vae_ext.cache import precompute_latents
 from diffusers_vae_ext.data import list_image_files, load_image_rgb, pil_to_tensor, resize_and_crop, sample_photos
+from diffusers_vae_ext.hardware import cpu_info
 
 SD_KL_F8 = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -87,16 +87,8 @@ precompute_latents(sys.argv[1], sys.argv[2], train_data_dir=sys.argv[3], resolut
 
 
 def cpu_description() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} CPU capability {capability}"
+    info = cpu_info()
+    return f"{info.model}, {os.cpu_count()} logical cores, torch {torch.__version__} CPU capability {info.capability}"
 
 
 def make_photos(count: int, seed: int = 0) -> list:

@@ -24,7 +24,6 @@ model and torch's CPU capability: the numbers depend on them.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
 import tempfile
@@ -37,21 +36,13 @@ from diffusers_vae_ext import AutoencoderKL
 from diffusers_vae_ext.autoencoders import as_autoencoder
 from diffusers_vae_ext.data import list_image_files, load_image_rgb, pil_to_tensor, resize_and_crop, sample_photos
 from diffusers_vae_ext.evaluation import EvalVAE, evaluate, load_vaes, write_report
+from diffusers_vae_ext.hardware import cpu_info
 from diffusers_vae_ext.training import load_model_config
 
 
 def cpu_description() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{model}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
-    )
+    info = cpu_info()
+    return f"{info.model}; torch CPU capability {info.capability}, {info.threads} threads"
 
 
 def write_photos(folder: Path, count: int) -> None:
