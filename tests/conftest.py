@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -129,3 +131,16 @@ def photo_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     write_sample_photos(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, request) -> Path:
+    """A folder for one test module's shared files (models, photos, caches, runs), named after the module."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(workdir) -> Path:
+    """`make_vae(seed=0)` saved as a diffusers folder (safetensors) in `workdir`, once per module."""
+    make_vae(seed=0).save_pretrained(workdir / "vae")
+    return workdir / "vae"

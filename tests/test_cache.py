@@ -115,17 +115,6 @@ def child_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def vae_dir(workdir) -> Path:
-    make_vae(seed=0).save_pretrained(workdir / "vae")
-    return workdir / "vae"
-
-
-@pytest.fixture(scope="module")
 def photo_folder(workdir) -> tuple[Path, dict[str, np.ndarray]]:
     expected = write_photo_folder(workdir / "photos")
     return workdir / "photos", expected

@@ -150,17 +150,6 @@ def write_shards(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("scale")
-
-
-@pytest.fixture(scope="module")
-def vae_dir(workdir) -> Path:
-    make_vae(seed=0).save_pretrained(workdir / "vae")
-    return workdir / "vae"
-
-
-@pytest.fixture(scope="module")
 def shards(workdir, s3) -> tuple[Path, dict[str, str]]:
     bad = write_shards(workdir / "shards")
     s3.put_folder(workdir / "shards", "s3://inputs/shards")

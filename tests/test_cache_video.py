@@ -46,11 +46,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache_video")
-
-
-@pytest.fixture(scope="module")
 def video_folder(workdir) -> Path:
     """A real 20-frame pan and zoom over the astronaut photo (two 9-frame clips), a caption, and bad files."""
     root = workdir / "videos"

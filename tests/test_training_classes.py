@@ -22,11 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("classes")
-
-
-@pytest.fixture(scope="module")
 def video_dir(workdir) -> Path:
     """Five real clips: a camera panning and zooming over five photos; one is held out for validation."""
     folder = workdir / "videos"

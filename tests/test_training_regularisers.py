@@ -32,11 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("regularisers")
-
-
-@pytest.fixture(scope="module")
 def tiny_config(workdir) -> Path:
     path = workdir / "tiny_kl.json"
     path.write_text(json.dumps({"_class_name": "AutoencoderKL", **TINY_CONFIGS["AutoencoderKL"]}))
