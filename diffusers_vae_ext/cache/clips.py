@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 
-from ..buckets import closest_bucket, upscale_needed
 from ..data import to_model_channels
 from ..video import VideoClip, VideoError, clips_from_file, prepare_clip
 from .context import UnitContext
-from .plan import PlannedSample, expand_clip, skip_entry
+from .plan import PlannedSample, choose_bucket, expand_clip, skip_entry
 from .sources import SourceItem, video_content_hash
 
 
@@ -36,14 +35,9 @@ def plan_video(
     except VideoError as err:
         return [], [skip_entry(video_id, item.label, err.kind, err.reason, position)]
     width, height = clips[0].source_size
-    bucket = closest_bucket(height, width, ctx.settings.bucket_list())
-    upscale = upscale_needed(height, width, bucket)
-    if upscale > ctx.settings.max_upscale:
-        reason = (
-            f"too small: {width}x{height} px frames would need {upscale:.2f}x upscaling to cover "
-            f"{bucket[1]}x{bucket[0]} (limit max_upscale={ctx.settings.max_upscale})"
-        )
-        return [], [skip_entry(video_id, item.label, "too_small", reason, position)]
+    bucket, too_small = choose_bucket(height, width, ctx.settings, frames=True)
+    if too_small:
+        return [], [skip_entry(video_id, item.label, "too_small", too_small, position)]
     planned = []
     for clip in clips:
         samples = expand_clip(

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .format import FLIP_SUFFIX
+from ..buckets import closest_bucket, upscale_needed
+from .format import FLIP_SUFFIX, CacheSettings
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,21 @@ class PlannedSample:
     flip: bool
     bucket: tuple[int, int]
     caption: str
+
+
+def choose_bucket(
+    height: int, width: int, settings: CacheSettings, frames: bool = False
+) -> tuple[tuple[int, int], str | None]:
+    """The bucket (height, width) an image, or a clip's `frames`, of this size is cached at, and the reason it is
+    skipped as too small (None when it is not): covering the bucket would enlarge it more than `max_upscale`."""
+    bucket = closest_bucket(height, width, settings.bucket_list())
+    upscale = upscale_needed(height, width, bucket)
+    if upscale <= settings.max_upscale:
+        return bucket, None
+    return bucket, (
+        f"too small: {width}x{height} px{' frames' if frames else ''} would need {upscale:.2f}x upscaling to cover "
+        f"{bucket[1]}x{bucket[0]} (limit max_upscale={settings.max_upscale})"
+    )
 
 
 def expand_image(

@@ -32,12 +32,11 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 
 from ..autoencoders import AutoencoderAdapter, as_autoencoder
-from ..buckets import closest_bucket, upscale_needed
 from ..data import UnreadableImageError, load_image_rgb, pil_to_tensor, resize_and_crop, to_model_channels
 from .clips import decode_clips, plan_video
 from .context import UnitContext
 from .format import DTYPES, FORMAT_NAME, FORMAT_VERSION, CacheSettings, manifest_name, part_name
-from .plan import BucketBatcher, PlannedSample, expand_image, skip_entry
+from .plan import BucketBatcher, PlannedSample, choose_bucket, expand_image, skip_entry
 from .sources import Source, SourceItem, Unit, VideoFolderSource, content_hash, probe_size, read_unit_items
 from .storage import CacheStore
 
@@ -139,14 +138,9 @@ def plan_image(
         height, width = probe_size(item.data)
     except UnreadableImageError as err:
         return [], [_skip(base_id, item.label, "unreadable", err.reason, position)]
-    bucket = closest_bucket(height, width, ctx.settings.bucket_list())
-    upscale = upscale_needed(height, width, bucket)
-    if upscale > ctx.settings.max_upscale:
-        reason = (
-            f"too small: {width}x{height} px would need {upscale:.2f}x upscaling to cover "
-            f"{bucket[1]}x{bucket[0]} (limit max_upscale={ctx.settings.max_upscale})"
-        )
-        return [], [_skip(base_id, item.label, "too_small", reason, position)]
+    bucket, too_small = choose_bucket(height, width, ctx.settings)
+    if too_small:
+        return [], [_skip(base_id, item.label, "too_small", too_small, position)]
     samples = expand_image(base_id, item.label, item.caption, position, bucket, ctx.settings.flip)
     return [(sample, item.data) for sample in samples], []
 
