@@ -22,6 +22,8 @@ from safetensors import safe_open
 
 from diffusers_vae_ext.buckets import BucketBatchSampler, closest_bucket, make_buckets
 from diffusers_vae_ext.cache import CacheMismatchError, LatentCacheDataset, load_cache_info, precompute_latents
+from diffusers_vae_ext.cache.format import CacheSettings
+from diffusers_vae_ext.cache.plan import choose_bucket
 from diffusers_vae_ext.data import load_image_rgb, pil_to_tensor, resize_and_crop, sample_photos
 from diffusers_vae_ext.scaling import scale_latents
 
@@ -216,6 +218,16 @@ def test_cached_moments_equal_diffusers_encode_of_the_same_pixels(reference_cach
             posterior = twin.encode(pixels[None]).latent_dist
         torch.testing.assert_close(moments, torch.cat([posterior.mean, posterior.logvar], 1)[0], rtol=1e-4, atol=1e-4)
         assert moments[:4].abs().max() > 1e-2
+
+
+def test_choose_bucket_skips_what_would_be_enlarged_past_max_upscale():
+    settings = CacheSettings(resolution=64, max_upscale=2.0)
+    assert choose_bucket(40, 40, settings) == ((64, 64), None)  # 1.6x
+    assert choose_bucket(32, 32, settings) == ((64, 64), None)  # exactly the limit is kept
+    reason = "24x16 px would need 4.00x upscaling to cover 64x64 (limit max_upscale=2.0)"
+    assert choose_bucket(16, 24, settings) == ((64, 64), f"too small: {reason}")
+    frames_reason = reason.replace("px", "px frames")
+    assert choose_bucket(16, 24, settings, frames=True) == ((64, 64), f"too small: {frames_reason}")
 
 
 def test_buckets_group_by_aspect_ratio_and_match_diffusers(workdir, vae_dir):
