@@ -16,8 +16,9 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,6 +147,20 @@ def list_image_files(root: str | os.PathLike) -> list[Path]:
     return files
 
 
+def metadata_records(text: str, where: str) -> Iterator[dict[str, Any]]:
+    """The lines of a `metadata.jsonl` (HF imagefolder) that name a `file_name`, parsed; blank lines are passed
+    over and a line that is not JSON raises ValueError naming `where` (the file) and its line number."""
+    for line_number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}:{line_number}: not valid JSON ({err}).") from err
+        if "file_name" in record:
+            yield record
+
+
 def read_captions(root: str | os.PathLike, files: list[Path], caption_column: str = "text") -> dict[str, str]:
     """Captions keyed by path relative to `root`, from `metadata.jsonl` (HF imagefolder) or sidecar files.
 
@@ -156,16 +171,9 @@ def read_captions(root: str | os.PathLike, files: list[Path], caption_column: st
     captions: dict[str, str] = {}
     for metadata in sorted(root.rglob("metadata.jsonl")):
         base = metadata.parent
-        for line_number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{metadata}:{line_number}: not valid JSON ({err}).") from err
-            if "file_name" in record:
-                key = (base / record["file_name"]).relative_to(root).as_posix()
-                captions[key] = str(record.get(caption_column, ""))
+        for record in metadata_records(metadata.read_text(encoding="utf-8"), str(metadata)):
+            key = (base / record["file_name"]).relative_to(root).as_posix()
+            captions[key] = str(record.get(caption_column, ""))
     for file in files:
         key = file.relative_to(root).as_posix()
         if key in captions:

@@ -8,7 +8,7 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ...data import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
+from ...data import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, metadata_records
 from ..storage import storage_errors
 from .base import Source, SourceItem, Unit, file_version, is_image_name
 
@@ -21,16 +21,9 @@ def metadata_captions(fs: Any, root: str, url: str, files: Iterable[str], captio
         base = posixpath.dirname(name)
         with storage_errors(url, "read"):
             text = fs.cat_file(f"{root}/{name}").decode("utf-8")
-        for line_number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{url}/{name}:{line_number}: not valid JSON ({err}).") from err
-            if "file_name" in record:
-                key = posixpath.normpath(posixpath.join(base, record["file_name"]))
-                captions[key] = str(record.get(caption_column, ""))
+        for record in metadata_records(text, f"{url}/{name}"):
+            key = posixpath.normpath(posixpath.join(base, record["file_name"]))
+            captions[key] = str(record.get(caption_column, ""))
     return captions
 
 
