@@ -24,7 +24,8 @@ from diffusers_vae_ext.buckets import BucketBatchSampler, closest_bucket, make_b
 from diffusers_vae_ext.cache import CacheMismatchError, LatentCacheDataset, load_cache_info, precompute_latents
 from diffusers_vae_ext.cache.format import CacheSettings
 from diffusers_vae_ext.cache.plan import choose_bucket
-from diffusers_vae_ext.data import load_image_rgb, pil_to_tensor, resize_and_crop, sample_photos
+from diffusers_vae_ext.cache.sources.folder import metadata_captions
+from diffusers_vae_ext.data import load_image_rgb, pil_to_tensor, read_captions, resize_and_crop, sample_photos
 from diffusers_vae_ext.scaling import scale_latents
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,6 +219,27 @@ def test_cached_moments_equal_diffusers_encode_of_the_same_pixels(reference_cach
             posterior = twin.encode(pixels[None]).latent_dist
         torch.testing.assert_close(moments, torch.cat([posterior.mean, posterior.logvar], 1)[0], rtol=1e-4, atol=1e-4)
         assert moments[:4].abs().max() > 1e-2
+
+
+def test_metadata_jsonl_reads_the_same_from_a_local_and_an_fsspec_folder(tmp_path):
+    import fsspec
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "sub/a.png", "text": "an a"}\n\n{"no_file": 1}\n')
+    (tmp_path / "sub" / "metadata.jsonl").write_text('{"file_name": "b.png", "prompt": "a b"}\n')
+    images = [tmp_path / "sub" / "a.png", tmp_path / "sub" / "b.png"]
+    names = ["metadata.jsonl", "sub/metadata.jsonl", "sub/a.png", "sub/b.png"]
+    fs, root = fsspec.filesystem("file"), tmp_path.as_posix()
+    # Keys resolve against each metadata file's folder; a record without the column gets "".
+    for column, expected in (("text", ("an a", "")), ("prompt", ("", "a b"))):
+        expected = dict(zip(("sub/a.png", "sub/b.png"), expected))
+        assert metadata_captions(fs, root, "file://" + root, names, column) == expected
+        assert read_captions(tmp_path, images, column) == expected
+    (tmp_path / "sub" / "metadata.jsonl").write_text('{"file_name": "b.png"}\n{"file_name": \n')
+    with pytest.raises(ValueError, match=r"sub/metadata.jsonl:2: not valid JSON"):
+        read_captions(tmp_path, images)
+    with pytest.raises(ValueError, match=r"sub/metadata.jsonl:2: not valid JSON"):
+        metadata_captions(fs, root, "file://" + root, names, "text")
 
 
 def test_choose_bucket_skips_what_would_be_enlarged_past_max_upscale():
