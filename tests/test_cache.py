@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -315,22 +316,22 @@ def test_buckets_group_by_aspect_ratio_and_match_diffusers(workdir, vae_dir):
     assert seen == len(dataset)
 
 
-def _kill_after_shards(command: list[str], out: Path, shards: int) -> int:
-    """Start `command`, SIGKILL it once `out/shards` holds `shards` complete shards; returns that count."""
+def kill_9_when(command: list[str], ready: Callable[[], bool], interval: float) -> None:
+    """Start `command`, SIGKILL it as soon as `ready()` holds (asked every `interval` s); fails, showing the end of
+    its stderr, when the run ends before."""
     process = subprocess.Popen(command, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
         while process.poll() is None and time.monotonic() < deadline:
-            if len(list((out / "shards").glob("shard-*.safetensors"))) >= shards:
+            if ready():
                 process.send_signal(signal.SIGKILL)
                 break
-            time.sleep(0.01)
+            time.sleep(interval)
         process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == -signal.SIGKILL, f"the run ended before the kill: {process.stderr.read()[-2000:]}"
-    return len(list((out / "shards").glob("shard-*.safetensors")))
 
 
 def test_kill_9_mid_run_then_rerun_equals_uninterrupted_run(workdir, vae_dir, photo_folder, reference_cache):
@@ -348,7 +349,12 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted_run(workdir, vae_dir, ph
     args = ["cache", "--vae", str(vae_dir), "--train_data_dir", str(photo_folder[0]), "--output_dir", str(out)]
     args += ["--resolution", "64", "--flip", "--batch_size", "2", "--shard_size", "2"]
     args += ["--dataloader_num_workers", "0"]
-    written = _kill_after_shards([sys.executable, "-c", slow, *args], out, shards=3)
+
+    def shards_written() -> int:
+        return len(list((out / "shards").glob("shard-*.safetensors")))
+
+    kill_9_when([sys.executable, "-c", slow, *args], lambda: shards_written() >= 3, interval=0.01)
+    written = shards_written()
     assert 3 <= written < 11
     with pytest.raises(ValueError, match="incomplete"):
         LatentCacheDataset(out)

@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 import socket
-import subprocess
 import sys
 import tarfile
 import time
@@ -20,7 +19,7 @@ import pytest
 import torch
 from conftest import make_vae
 from PIL import Image
-from test_cache import assert_same_cache, child_env
+from test_cache import assert_same_cache, kill_9_when
 
 from diffusers_vae_ext.cache import LatentCacheDataset, StorageAccessError, load_cache_info, precompute_latents
 from diffusers_vae_ext.data import sample_photos
@@ -262,21 +261,11 @@ def test_kill_9_while_writing_to_s3_then_rerun_equals_the_uninterrupted_run(
     )
     args = ["cache", "--vae", str(vae_dir), "--train_data_dir", "s3://inputs/shards/", "--output_dir", out]
     args += ["--resolution", "32", "--flip", "--batch_size", "2", "--shard_size", "3", "--dataloader_num_workers", "0"]
-    process = subprocess.Popen(
-        [sys.executable, "-c", slow, *args], env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 120
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            if len(_shard_objects(s3.fs, out.removeprefix("s3://"))) >= 3:
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before the kill: {process.stderr.read()[-2000:]}"
+
+    def three_uploaded() -> bool:
+        return len(_shard_objects(s3.fs, out.removeprefix("s3://"))) >= 3
+
+    kill_9_when([sys.executable, "-c", slow, *args], three_uploaded, interval=0.05)
 
     # Every object under a final name is complete (an upload cut off by the kill leaves nothing behind).
     written = _shard_objects(s3.fs, out.removeprefix("s3://"))
