@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,17 @@ def vae_dir(workdir) -> Path:
     """`make_vae(seed=0)` saved as a diffusers folder (safetensors) in `workdir`, once per module."""
     make_vae(seed=0).save_pretrained(workdir / "vae")
     return workdir / "vae"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (train_log.jsonl, metrics.jsonl, skipped.jsonl), blank lines passed over."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar file (a webdataset shard) of `(name, bytes)` members in this order, with fixed mtimes."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))

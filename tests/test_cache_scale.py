@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_vae
+from conftest import make_vae, write_tar
 from PIL import Image
 from test_cache import assert_same_cache, kill_9_when
 
@@ -108,14 +108,6 @@ def small_photos(count: int) -> list[Image.Image]:
         crop = photo.crop((0, 0, side, side)).resize((48 + 16 * (i % 3), 48 + 16 * ((i + 1) % 3)))
         images.append(crop)
     return images
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
 
 
 def write_shards(root: Path) -> dict[str, str]:

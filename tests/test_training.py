@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, cpu_launch
+from conftest import TINY_CONFIG, cpu_launch, read_jsonl
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
@@ -44,10 +44,6 @@ def run(output_dir: Path, config: Path, *extra: str, data: Path | None = None) -
     if data is not None:
         argv += ["--train_data_dir", str(data)]
     return training.main(argv + list(extra))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_short_run_lowers_loss_and_writes_everything(tmp_path, tiny_config, photo_dir):

@@ -11,6 +11,7 @@ import diffusers
 import pytest
 import torch
 from autoencoder_configs import TINY_CONFIGS, build_tiny
+from conftest import read_jsonl
 from safetensors.torch import load_file
 
 from diffusers_vae_ext import training
@@ -56,10 +57,6 @@ def run(output_dir: Path, *args: str) -> Path:
         "--no-recompute_scaling_factor",
     ]  # fmt: skip
     return training.main(argv + list(args))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def assert_loss_falls(out: Path) -> None:

@@ -12,12 +12,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, cpu_launch
+from conftest import TINY_CONFIG, cpu_launch, read_jsonl, write_tar
 from safetensors.torch import load_file
 
 from diffusers_vae_ext import training
@@ -49,14 +48,6 @@ def encoded_photos(count: int) -> list[bytes]:
 
 def extension(data: bytes) -> str:
     return "png" if data.startswith(b"\x89PNG") else "jpg"
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
 
 
 def write_folder_and_shards(root: Path, blobs: list[bytes]) -> tuple[Path, Path]:
@@ -111,10 +102,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def losses(output_dir: Path) -> list[float]:

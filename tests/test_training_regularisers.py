@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from autoencoder_configs import TINY_CONFIGS
+from conftest import read_jsonl
 from safetensors.torch import load_file
 
 from diffusers_vae_ext import training
@@ -67,10 +68,6 @@ def run(output_dir: Path, tiny_config: Path, photo_dir: Path, *args: str) -> Pat
         "--checkpointing_steps", "100000",
     ]  # fmt: skip
     return training.main(argv + list(args))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------ --equivariance and
