@@ -149,10 +149,8 @@ def _diffusability_markdown(result: EvalResult) -> list[str]:
         "(1.0 = nothing learned, lower = easier to diffuse); HF energy: share of spectral power in the upper half "
         "of radial frequencies (white noise ~0.75).",
         "",
-        "| " + " | ".join(rows[0]) + " |",
-        "|" + "|".join("---" for _ in rows[0]) + "|",
+        *_markdown_table(rows),
     ]
-    lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
     lines.append("")
     for key, title in (("spectrum", "Spectrum"), ("loss_curve", "Probe loss per t")):
         if key in plots:
@@ -162,6 +160,15 @@ def _diffusability_markdown(result: EvalResult) -> list[str]:
         if grid:
             lines.append(f"![{vae.label} probe samples]({grid})")
     return lines
+
+
+def _markdown_table(rows: list[dict[str, str]]) -> list[str]:
+    # The header comes from the first row's keys; every row has the same keys in the same order.
+    return [
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "|".join("---" for _ in rows[0]) + "|",
+        *("| " + " | ".join(row.values()) + " |" for row in rows),
+    ]
 
 
 def write_markdown(result: EvalResult, path: str | Path | None = None) -> str:
@@ -174,10 +181,8 @@ def write_markdown(result: EvalResult, path: str | Path | None = None) -> str:
         "latents) decoded; "
         "mean ± 95 % confidence interval over images.",
         "",
-        "| " + " | ".join(rows[0]) + " |",
-        "|" + "|".join("---" for _ in rows[0]) + "|",
+        *_markdown_table(rows),
     ]
-    lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
     if any(vae.rfid is not None for vae in result.vaes):
         lines += [
             "",
