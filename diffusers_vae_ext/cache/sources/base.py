@@ -109,6 +109,12 @@ class Source:
         raise NotImplementedError
 
 
+def slice_units(kind: str, count: int, unit_size: int) -> Iterator[Unit]:
+    """`count` listed items cut into consecutive units of `unit_size`, named `<kind>#00000`, `<kind>#00001`, ..."""
+    for number, start in enumerate(range(0, count, unit_size)):
+        yield Unit(f"{kind}#{number:05d}", kind, start=start, stop=min(start + unit_size, count))
+
+
 def broken_unit_items(unit: Unit) -> Iterator[SourceItem]:
     yield SourceItem(label=unit.name, data=None, error=("unreadable", unit.error or "cannot be read"))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from ...data import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, metadata_records
 from ..storage import storage_errors
-from .base import Source, SourceItem, Unit, file_version, is_image_name
+from .base import Source, SourceItem, Unit, file_version, is_image_name, slice_units
 
 
 def metadata_captions(fs: Any, root: str, url: str, files: Iterable[str], caption_column: str) -> dict[str, str]:
@@ -79,10 +79,7 @@ class FolderSource(Source):
         return len(self.labels)
 
     def units(self) -> Iterator[Unit]:
-        for number, start in enumerate(range(0, len(self.labels), self.unit_size)):
-            yield Unit(
-                f"folder#{number:05d}", "folder", start=start, stop=min(start + self.unit_size, len(self.labels))
-            )
+        return slice_units("folder", len(self.labels), self.unit_size)
 
     def signature(self, unit: Unit) -> str:
         """Names, sizes and modification times (or ETags) of the slice's images, and their captions' sources."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from ...data import import_datasets
-from .base import Source, SourceItem, Unit
+from .base import Source, SourceItem, Unit, slice_units
 
 
 def image_bytes(value: Any) -> bytes | None:
@@ -67,11 +68,8 @@ class DatasetSource(Source):
         return len(self.dataset)
 
     def units(self) -> Iterator[Unit]:
-        for number, start in enumerate(range(0, len(self.dataset), self.unit_size)):
-            stop = min(start + self.unit_size, len(self.dataset))
-            yield Unit(
-                f"rows#{number:05d}", "rows", start=start, stop=stop, signature=f"{self.fingerprint}:{start}:{stop}"
-            )
+        for unit in slice_units("rows", len(self.dataset), self.unit_size):
+            yield replace(unit, signature=f"{self.fingerprint}:{unit.start}:{unit.stop}")
 
     def items(self, unit: Unit) -> Iterator[SourceItem]:
         columns = [self.image_column] + ([self.caption_column] if self.caption_column else [])

@@ -18,7 +18,7 @@ from typing import Any
 from ...data import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
 from ...optional import require
 from ...video import list_videos
-from .base import Source, SourceItem, Unit
+from .base import Source, SourceItem, Unit, slice_units
 from .folder import metadata_captions
 
 
@@ -88,10 +88,7 @@ class VideoFolderSource(Source):
         return len(self.videos)
 
     def units(self) -> Iterator[Unit]:
-        for number, start in enumerate(range(0, len(self.videos), self.unit_size)):
-            yield Unit(
-                f"videos#{number:05d}", "videos", start=start, stop=min(start + self.unit_size, len(self.videos))
-            )
+        return slice_units("videos", len(self.videos), self.unit_size)
 
     def _sidecar(self, path: Path) -> Path | None:
         candidates = [path.with_suffix(extension) for extension in CAPTION_EXTENSIONS]
