@@ -81,7 +81,8 @@ def make_item(
 
 class CacheItemReader:
     """What both cache datasets share: the check that the cache is complete, its layout, and the `make_item`
-    settings (`sample_posterior`, `seed`, `scale`, `return_moments`, `epoch`) every item is built with."""
+    settings every item is built with (`sample_posterior`, `seed`, `scale`, `return_moments`; each dataset keeps
+    its own `epoch` and `set_epoch`)."""
 
     def _read_cache_info(
         self, info: dict[str, Any], where: Any, sample_posterior: bool, seed: int, scale: bool, return_moments: bool
