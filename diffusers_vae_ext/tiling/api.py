@@ -1,7 +1,7 @@
 """The public face of exact tiling: `enable_tiling()` on the autoencoder, `tiled_encode` / `tiled_decode`.
 
-Also the checks that a VAE can be tiled and that the call is inference. How the tiler works is the package
-docstring (`diffusers_vae_ext.tiling`).
+Also the checks that a VAE can be tiled and that the call is inference. How the tiler works is explained in
+the package docstring (`diffusers_vae_ext.tiling`).
 """
 
 from __future__ import annotations
