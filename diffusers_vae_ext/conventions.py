@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write_text, fsync_dir, remove_stale_temporaries
-from .scaling import CONVENTIONS, LatentStatistics, _get, scaling_convention
+from .scaling import CONVENTIONS, LatentStatistics, scaling_convention
+from .scaling.apply import _get
 
 
 @dataclass(frozen=True)
