@@ -33,6 +33,7 @@ The header names the CPU, its flags (AMX, AVX512-BF16, AVX512, AVX2), torch's CP
     python benchmarks/bench_model.py                       # quick: 256 px, batch 1 (a few minutes on 2 cores)
     python benchmarks/bench_model.py --full                # 256 and 512 px, batch 1 and 4
     python benchmarks/bench_model.py --sizes 512 1024 --batches 1 --rss decode --no-openvino
+    python benchmarks/bench_model.py --sizes 512 --batches 4 --ops encode --dtypes fp32   # one cell of the matrix
     python benchmarks/bench_model.py --extras quality cache train   # + the bf16 quality, cache and training rows
     python benchmarks/bench_model.py --device cuda --sizes 512 1024  # on a GPU (no OpenVINO, no RSS there)
 """
@@ -337,7 +338,7 @@ def matrix_rows(args, device: torch.device, size: int, batch: int, dtypes: tuple
     images = photo_batch(size, batch).to(device)
     with torch.inference_mode():
         latents = theirs.encode(images).latent_dist.mean
-    inputs = {"encode": images, "decode": latents}
+    inputs = {op: x for op, x in (("encode", images), ("decode", latents)) if op in args.ops}
     calls: dict = {}
     for (name, dtype), (model, channels_last) in models.items():
         for op, x in inputs.items():
@@ -620,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256], help="image sides (multiples of 8)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1], help="images per call")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    parser.add_argument("--ops", nargs="+", default=["encode", "decode"], choices=("encode", "decode"))
     parser.add_argument("--full", action="store_true", help="the whole matrix: 256 and 512 px, batch 1 and 4")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (the median is reported)")
     parser.add_argument("--rss", choices=("decode", "all", "none"), default="decode", help="peak RSS rows")
