@@ -285,7 +285,9 @@ def _resnet(resnet: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return resnet(x, None)
     # With a shortcut convolution, `x` is spent once it has run, so the first norm may overwrite it.
     shortcut = conv2d(resnet.conv_shortcut, x) if resnet.conv_shortcut is not None else x
-    hidden = conv2d(resnet.conv1, _norm_act(resnet.norm1, resnet.nonlinearity, x, overwrite=shortcut is not x))
+    normed = _norm_act(resnet.norm1, resnet.nonlinearity, x, overwrite=shortcut is not x)
+    hidden = conv2d(resnet.conv1, normed, overwrite_input=True)  # `normed` is spent once conv1 has read it
+    del normed  # freed here, not at the block's end
     hidden = _norm_act(resnet.norm2, resnet.nonlinearity, hidden, overwrite=True)
     if resnet.dropout.p > 0 and resnet.dropout.training:
         hidden = resnet.dropout(hidden)
@@ -420,7 +422,9 @@ def _onednn_pack(weight: torch.Tensor, conv_args: tuple) -> torch.Tensor:
     return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups, [])
 
 
-def conv2d(conv: nn.Module, x: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+def conv2d(
+    conv: nn.Module, x: torch.Tensor, accumulate: torch.Tensor | None = None, overwrite_input: bool = False
+) -> torch.Tensor:
     """`conv(x)`, or `accumulate += conv(x)` (returned) with `accumulate` given, on the fastest kernel at hand.
 
     On CPU (float32, and bfloat16 where oneDNN has it) a plain `nn.Conv2d` runs oneDNN's convolution on weights
@@ -431,6 +435,8 @@ def conv2d(conv: nn.Module, x: torch.Tensor, accumulate: torch.Tensor | None = N
         x (`torch.Tensor`): the input (N, C, H, W), channels_last for the oneDNN kernel.
         accumulate (`torch.Tensor`, *optional*): a tensor of the output's shape and dtype that this path owns; it
             is overwritten with the sum.
+        overwrite_input (`bool`, defaults to `False`): `x` is not needed afterwards; the Winograd kernel then writes
+            its output into `x`'s buffer where the shapes match (one activation fewer to allocate).
     """
     plain = (
         type(conv) is nn.Conv2d
@@ -450,7 +456,7 @@ def conv2d(conv: nn.Module, x: torch.Tensor, accumulate: torch.Tensor | None = N
     conv_args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     if winograd_applies(conv.weight, x, *conv_args):
         # Wide float32 3x3 layers: 2.25x fewer multiplies (`winograd.py`); no packed copy is kept for them.
-        return conv3x3_winograd(x, conv.weight, conv.bias, accumulate)
+        return conv3x3_winograd(x, conv.weight, conv.bias, accumulate, overwrite_input=overwrite_input)
     weight, bias = _prepared(conv, "onednn", conv.weight, conv.bias, lambda w, b: (_onednn_pack(w, conv_args), b))
     if accumulate is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv_args, "none", [], "")

@@ -67,6 +67,7 @@ def conv3x3_winograd(
     bias: torch.Tensor | None = None,
     accumulate: torch.Tensor | None = None,
     block_tiles: int = BLOCK_TILES,
+    overwrite_input: bool = False,
 ) -> torch.Tensor:
     """`F.conv2d(x, weight, bias, padding=1)` (+ `accumulate`, written into it) by Winograd F(2x2, 3x3).
 
@@ -77,6 +78,8 @@ def conv3x3_winograd(
         accumulate (`torch.Tensor`, *optional*): (N, K, H, W) channels_last; overwritten with the sum and returned.
         block_tiles (`int`): tiles transformed, multiplied and transformed back together. The three stages of a
             block meet in the CPU's cache; one pass over a whole 128x128 layer would run at memory speed.
+        overwrite_input (`bool`, defaults to `False`): `x` is not needed afterwards, so the output may take its
+            buffer when the shapes allow (the tiles are read from a padded copy).
 
     Returns a channels_last (N, K, H, W) tensor.
     """
@@ -90,6 +93,8 @@ def conv3x3_winograd(
     adding = accumulate is not None and exact
     if adding:
         target = accumulate.permute(0, 2, 3, 1)
+    elif overwrite_input and exact and k == c:
+        target = x.permute(0, 2, 3, 1)
     else:
         target = torch.empty((n, 2 * th, 2 * tw, k), dtype=x.dtype)
     rows_per_block = max(1, min(th, block_tiles // tw))

@@ -127,7 +127,7 @@ def test_wide_layers_through_winograd_match_diffusers_float32_and_float64(monkey
     twin = diffusers_twin(vae)
     calls = []
     winograd = blocks.conv3x3_winograd
-    monkeypatch.setattr(blocks, "conv3x3_winograd", lambda *a: calls.append(a[0].shape) or winograd(*a))
+    monkeypatch.setattr(blocks, "conv3x3_winograd", lambda *a, **k: calls.append(a[0].shape) or winograd(*a, **k))
     images = photo_batch(64, ("astronaut",))
     with torch.no_grad():
         ours = vae.decode(vae.encode(images).latent_dist.mean).sample

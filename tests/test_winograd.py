@@ -45,6 +45,23 @@ def test_the_residual_is_accumulated_into_the_given_tensor(size):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("size", [(8, 8), (5, 7)])
+def test_a_spent_input_receives_the_output_where_the_shapes_allow(size):
+    # Even sides and as many output as input channels: written over `x` (read from a padded copy first);
+    # odd sides (a padded output) or other widths: a new tensor, `x` untouched.
+    for out_channels in (16, 8):
+        weight, bias = layer(16, out_channels)
+        x = channels_last(2, 16, *size)
+        expected = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+        original = x.clone()
+        got = conv3x3_winograd(x, weight, bias, block_tiles=5, overwrite_input=True)
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        reused = out_channels == 16 and size[0] % 2 == 0 and size[1] % 2 == 0
+        assert (got.data_ptr() == x.data_ptr()) == reused
+        assert reused or torch.equal(x, original)
+
+
 def test_a_wide_layer_is_at_least_as_close_to_float64_as_the_direct_float32_convolution():
     # The transforms are additions and halves; the 16 products each sum C terms instead of 9 C.
     weight, bias = layer(512, 512)
@@ -81,7 +98,7 @@ def test_winograd_applies_to_wide_float32_3x3_stride_1_layers_only():
 @pytest.mark.skipif(not blocks._onednn_dtypes(), reason="the fast path's oneDNN convolutions are not available")
 def test_the_fast_path_runs_wide_layers_through_winograd(monkeypatch):
     calls = []
-    monkeypatch.setattr(blocks, "conv3x3_winograd", lambda *a: calls.append(a) or conv3x3_winograd(*a))
+    monkeypatch.setattr(blocks, "conv3x3_winograd", lambda *a, **k: calls.append(a) or conv3x3_winograd(*a, **k))
     with torch.no_grad():
         for channels, calls_so_far in ((MIN_CHANNELS, 1), (MIN_CHANNELS // 2, 1)):
             conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
