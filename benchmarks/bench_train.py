@@ -52,8 +52,6 @@ from pathlib import Path
 
 import torch
 
-from diffusers_vae_ext.hardware import cpu_info
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -359,7 +357,7 @@ def main() -> None:
         "--timing_only", action="store_true", help="--regularisers: only s/step, round-robin (robust to load drift)"
     )
     args = parser.parse_args()
-    from diffusers_vae_ext.hardware import describe_path
+    from diffusers_vae_ext.hardware import cpu_info, describe_path
 
     if args.regularisers:
         torch.set_num_threads(args.threads)  # before describing the path, which reports the thread count
