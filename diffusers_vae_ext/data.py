@@ -364,11 +364,11 @@ class TrainingImageDataset(torch.utils.data.Dataset):
         raise ValueError("None of the training images could be read; see the warnings above.")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image, key = self._load(index % len(self.images))
+        position = index % len(self.images)
+        image, key = self._load(position)
         if key is None:  # PIL images (the built-in photos, `datasets` rows): keyed by position, as always
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            if self._resized is not None and image is self.images[index % len(self.images)]:
-                position = index % len(self.images)
+            if self._resized is not None and image is self.images[position]:
                 if position not in self._resized:
                     self._resized[position] = resize_short_side(image, self.resize_to)
                 image = self._resized[position]
